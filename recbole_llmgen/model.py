@@ -1,0 +1,367 @@
+"""LLMGen: a Hugging Face causal LM as a RecBole sequential recommender.
+
+Reads its config once in ``__init__``; prompts come from :mod:`recbole_llmgen.text`, the LLM from
+:mod:`recbole_llmgen.llm`, scores from :mod:`recbole_llmgen.scoring`, candidates from
+:mod:`recbole_llmgen.candidates`. The frozen LLM is kept out of the module tree, so RecBole's
+optimizer and ``state_dict()`` never see it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_llmgen import candidates as cand
+from recbole_llmgen import scoring, text
+from recbole_llmgen.llm import load_llm
+
+logger = logging.getLogger(__name__)
+
+SCORE_METHODS = ("likelihood", "verbalizer")
+CANDIDATE_SOURCES = ("pop", "text")
+TRAIN_MODES = ("none",)
+
+
+def choice(config, key: str, allowed: tuple[str, ...]) -> str:
+    value = config[key]
+    if value not in allowed:
+        raise ValueError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+    return value
+
+
+def positive_int(config, key: str) -> int:
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def read_atomic_header(path: str) -> list[str]:
+    """Field names (without ``:type``) of a RecBole atomic file, or [] when it does not exist."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    return [column.split(":")[0] for column in header]
+
+
+def has_recbole_dataset_yaml(dataset: str) -> bool:
+    import recbole
+
+    root = os.path.dirname(recbole.__file__)
+    return os.path.isfile(os.path.join(root, "properties", "dataset", f"{dataset}.yaml"))
+
+
+def finalize_config(config) -> None:
+    """Make RecBole load the item text fields (ml-100k's yaml loads only the .inter columns).
+
+    Runs after every config layer is merged. A ``load_col`` the user wrote is left alone: the
+    model then names any missing field and how to add it.
+    """
+    load_col = config.final_config_dict.get("load_col")
+    if not isinstance(load_col, dict) or "load_col" in config.external_config_dict:
+        return
+    if not has_recbole_dataset_yaml(config.final_config_dict["dataset"]):
+        # RecBole's sample.yaml would load only user_id and item_id: no timestamps to order
+        # histories by, no item texts. A user's own dataset loads every column.
+        config.final_config_dict["load_col"] = None
+        return
+    fields = config.final_config_dict.get("item_text_fields", "auto")
+    item_id = config.final_config_dict["ITEM_ID_FIELD"]
+    if fields == "auto":
+        dataset = config.final_config_dict["dataset"]
+        header = read_atomic_header(os.path.join(config.final_config_dict["data_path"], f"{dataset}.item"))
+        if not header:
+            return  # no .item file: the model reports it
+        fields = text.default_text_fields(header, item_id)
+    if isinstance(fields, str):
+        fields = [fields]
+    item_cols = list(load_col.get("item", [])) or [item_id]
+    for field in [item_id, *fields]:
+        if field not in item_cols:
+            item_cols.append(field)
+    config.final_config_dict["load_col"] = {**load_col, "item": item_cols}
+
+
+class LLMGen(SequentialRecommender):
+    r"""An LLM reranks (or scores) items from the text of the user's history.
+
+    Zero-shot: ``train_mode: none`` trains nothing; see ``properties/LLMGen.yaml`` for every key.
+    """
+
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        # --- config, read once ---
+        self.score_method = choice(config, "score_method", SCORE_METHODS)
+        self.candidate_source = choice(config, "candidate_source", CANDIDATE_SOURCES)
+        self.train_mode = choice(config, "train_mode", TRAIN_MODES)
+        self.num_candidates = positive_int(config, "num_candidates")
+        if self.num_candidates > self.n_items - 1:
+            raise ValueError(
+                f"num_candidates: {self.num_candidates} exceeds the number of items in the "
+                f"dataset ({self.n_items - 1}); choose 1..{self.n_items - 1}"
+            )
+        self.max_history_items = positive_int(config, "max_history_items")
+        self.max_item_text_tokens = positive_int(config, "max_item_text_tokens")
+        self.verbalizer_permutations = positive_int(config, "verbalizer_permutations")
+        self.llm_score_batch_size = positive_int(config, "llm_score_batch_size")
+        self.popularity_prior = float(config["popularity_prior"] or 0.0)
+        self.prompt_template = config["prompt_template"]
+        if "{history}" not in (self.prompt_template or ""):
+            raise ValueError(f"prompt_template: must contain '{{history}}', got {self.prompt_template!r}")
+        self.system_prompt = config["system_prompt"]
+        self.seed = int(config["seed"] or 0)
+
+        # --- item texts ---
+        self.item_texts = self._item_texts(config, dataset)  # index = inner item id
+
+        # --- the LLM, frozen and outside the module tree ---
+        llm, tokenizer = load_llm(
+            config["llm_path"],
+            device=self.device,
+            llm_dtype=config["llm_dtype"],
+            cache_dir=config["llm_cache_dir"],
+            trust_remote_code=bool(config["trust_remote_code"]),
+        )
+        object.__setattr__(self, "llm", llm)
+        self.tokenizer = tokenizer
+        use_chat = config["use_chat_template"]
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        self.use_chat = has_template if use_chat in ("auto", None) else bool(use_chat)
+        if self.use_chat and not has_template:
+            raise ValueError(f"use_chat_template: True, but the tokenizer of {config['llm_path']!r} has no chat template")
+        context = getattr(llm.config, "max_position_embeddings", None) or 2048
+        self.max_length = int(config["llm_max_length"] or context)
+        self.item_token_ids = self._tokenize_items()
+        self.label_token_ids = self._label_token_ids() if self.score_method == "verbalizer" else None
+        self._warned_overflow = False
+
+        # --- candidates ---
+        self.item_counts = cand.item_counts(dataset.inter_feat[self.ITEM_ID], self.n_items)
+        self._item_embeddings = None
+        self.text_encoder_path = config["text_encoder_path"]
+
+    # ------------------------------------------------------------------ item texts and prompts
+    def _item_texts(self, config, dataset) -> list[str]:
+        fields = config["item_text_fields"]
+        available = list(dataset.item_feat.columns) if dataset.item_feat is not None else []
+        data_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
+        in_file = read_atomic_header(data_file)
+        if fields == "auto":
+            fields = text.default_text_fields(in_file or available, self.ITEM_ID)
+        if isinstance(fields, str):
+            fields = [fields]
+        missing = [f for f in fields if f not in available]
+        if missing:
+            if not in_file:
+                where = f"there is no item file {data_file}"
+            elif all(f in in_file for f in missing):
+                where = (
+                    f"they are in {data_file} but not loaded: add them to load_col, e.g. "
+                    f"load_col: {{item: {[self.ITEM_ID, *fields]}}}"
+                )
+            else:
+                where = f"item fields that exist: {[f for f in in_file if f != self.ITEM_ID]}"
+            raise ValueError(f"item_text_fields: {missing} not found among the loaded item fields; {where}")
+        template = config["item_text_template"] or text.default_template(fields)
+        unknown = [f for f in text.template_fields(template) if f not in available]
+        if unknown:
+            raise ValueError(f"item_text_template: {template!r} names {unknown}, not loaded item fields {available}")
+        columns = {f: self._field_strings(dataset, f) for f in text.template_fields(template)}
+        tokens = dataset.field2id_token[self.ITEM_ID]
+        texts = [""] + [
+            text.render_item_text(template, {f: columns[f][i] for f in columns}) for i in range(1, self.n_items)
+        ]
+        return text.fill_empty_texts(texts, tokens, f"item_text_fields {fields}")
+
+    def _field_strings(self, dataset, field: str) -> list[str]:
+        """The field's value for every item id as a string (token_seq fields joined by spaces)."""
+        values = dataset.item_feat[field]
+        kind = dataset.field2type[field].name
+        if kind in ("TOKEN", "TOKEN_SEQ"):
+            id2token = dataset.field2id_token[field]
+            if kind == "TOKEN":
+                return ["" if v == 0 else str(id2token[v]) for v in values.tolist()]
+            return [" ".join(str(id2token[t]) for t in row if t != 0) for row in values.tolist()]
+        if kind == "FLOAT":
+            return [f"{v:g}" for v in values.tolist()]
+        return [" ".join(f"{x:g}" for x in row) for row in values.tolist()]
+
+    def _tokenize_items(self) -> list[list[int]]:
+        """Token ids of each item text as it continues the prompt, cut to max_item_text_tokens."""
+        prefix = "" if self.use_chat else " "
+        encoded = self.tokenizer([prefix + t for t in self.item_texts], add_special_tokens=False)["input_ids"]
+        return [list(ids[: self.max_item_text_tokens]) for ids in encoded]
+
+    def _label_token_ids(self) -> list[int]:
+        prefix = "" if self.use_chat else " "
+        ids = []
+        for label in text.LABELS:
+            encoded = self.tokenizer.encode(prefix + label, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(f"score_method: verbalizer needs single-token labels; {label!r} is {encoded}")
+            ids.append(encoded[0])
+        return ids
+
+    def render_prompt(self, user_text: str) -> str:
+        if self.use_chat:
+            messages = [{"role": "user", "content": user_text}]
+            if self.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        head = f"{self.system_prompt}\n\n" if self.system_prompt else ""
+        tail = "\nAnswer:" if self.score_method == "verbalizer" else "\nRecommendation:"
+        return head + user_text + tail
+
+    def _encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=not self.use_chat)["input_ids"]
+
+    def build_prompt(self, history: list[int], candidate_ids: list[int] | None = None) -> list[int]:
+        """Prompt token ids from the most recent ``max_history_items`` items (oldest dropped on overflow).
+
+        ``history`` holds inner item ids, oldest first, and never the target (RecBole's
+        ``item_id_list`` is the sequence *before* the target).
+        """
+        window = [i for i in history if i != 0][-self.max_history_items :]
+        reserve = 0 if candidate_ids is None else max(len(self.item_token_ids[i]) for i in candidate_ids)
+        while True:
+            texts = [self.item_texts[i] for i in window]
+            if self.score_method == "verbalizer" and candidate_ids is not None:
+                user_text = text.verbalizer_prompt(
+                    self.prompt_template, texts, [self.item_texts[i] for i in candidate_ids]
+                )
+                reserve = 0
+            else:
+                user_text = text.user_prompt(self.prompt_template, texts)
+            ids = self._encode(self.render_prompt(user_text))
+            if len(ids) + reserve <= self.max_length:
+                return ids
+            if not window:
+                raise ValueError(
+                    f"llm_max_length: the prompt needs {len(ids) + reserve} tokens even without "
+                    f"history, more than the limit {self.max_length}; shorten prompt_template "
+                    "or use fewer candidates"
+                )
+            if not self._warned_overflow:
+                warnings.warn(
+                    f"A prompt exceeded the model context ({self.max_length} tokens): dropping the "
+                    "oldest history items to fit (shown once).",
+                    stacklevel=2,
+                )
+                self._warned_overflow = True
+            window = window[1:]
+
+    # ------------------------------------------------------------------ scoring
+    def score_candidates(self, history: list[int], candidate_ids: list[int], user_key: int = 0) -> torch.Tensor:
+        """LLM scores of ``candidate_ids`` for one user's history. [K], higher is better."""
+        if self.score_method == "likelihood":
+            prompt = self.build_prompt(history, candidate_ids)
+            scores = scoring.shared_prefix_scores(
+                self.llm, prompt, [self.item_token_ids[i] for i in candidate_ids], self.llm_score_batch_size
+            )
+        else:
+            scores = torch.zeros(len(candidate_ids))
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(user_key))
+            for _ in range(self.verbalizer_permutations):
+                order = torch.randperm(len(candidate_ids), generator=generator).tolist()
+                shown = [candidate_ids[i] for i in order]
+                prompt = self.build_prompt(history, shown)
+                label_scores = scoring.verbalizer_scores(self.llm, prompt, self.label_token_ids[: len(shown)])
+                scores[order] += label_scores
+            scores /= self.verbalizer_permutations
+        if self.popularity_prior:
+            scores = scores + self.popularity_prior * torch.log1p(self.item_counts[candidate_ids].float())
+        return scores
+
+    # ------------------------------------------------------------------ candidates
+    def retrieval_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """Retriever scores for every item; padding and history items at -inf. [B, n_items]"""
+        histories = [row[:n].tolist() for row, n in zip(item_seq.cpu(), item_seq_len.cpu().tolist())]
+        if self.candidate_source == "pop":
+            scores = cand.popularity_scores(self.item_counts, len(histories))
+        else:
+            windows = [h[-self.max_history_items :] for h in histories]
+            scores = cand.text_scores(self.item_embeddings(), windows)
+        return cand.mask_seen(scores, histories)
+
+    def item_embeddings(self) -> torch.Tensor:
+        if self._item_embeddings is None:
+            self._item_embeddings = cand.encode_texts(self.text_encoder_path, self.item_texts)
+        return self._item_embeddings
+
+    # ------------------------------------------------------------------ RecBole contract
+    def forward(self, item_seq, item_seq_len):
+        raise NotImplementedError("LLMGen scores through predict/full_sort_predict")
+
+    def calculate_loss(self, interaction):
+        raise RuntimeError(
+            "train_mode: none is zero-shot: LLMGen has nothing to train. LLMGenTrainer skips "
+            "training; use it (RecBole picks it by name) instead of a plain Trainer."
+        )
+
+    def predict(self, interaction) -> torch.Tensor:
+        """Scores of (user, item) rows; rows sharing a history share one prompt. [N]"""
+        item_seq = interaction[self.ITEM_SEQ].cpu()
+        item_seq_len = interaction[self.ITEM_SEQ_LEN].cpu()
+        items = interaction[self.ITEM_ID].cpu()
+        users = interaction[self.USER_ID].cpu() if self.USER_ID in interaction.interaction else None
+        groups: dict[tuple, list[int]] = {}
+        for row in range(len(items)):
+            history = tuple(item_seq[row, : item_seq_len[row]].tolist())
+            key = (int(users[row]) if users is not None else 0, history)
+            groups.setdefault(key, []).append(row)
+        scores = torch.empty(len(items))
+        for (user, history), rows in groups.items():
+            candidate_ids = [int(items[r]) for r in rows]
+            ordered = sorted(range(len(rows)), key=lambda j: candidate_ids[j])  # canonical order
+            result = self.score_candidates(list(history), [candidate_ids[j] for j in ordered], user)
+            for position, j in enumerate(ordered):
+                scores[rows[j]] = result[position]
+        return scores.to(self.device)
+
+    def full_sort_predict(self, interaction) -> torch.Tensor:
+        """LLM-scored candidates above every other item, the rest in retriever order. [B, n_items]"""
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        users = interaction[self.USER_ID].cpu() if self.USER_ID in interaction.interaction else None
+        retrieval = self.retrieval_scores(item_seq, item_seq_len)  # [B, n_items]
+        candidate_ids = cand.top_candidates(retrieval, self.num_candidates)  # [B, K]
+        llm_scores = torch.full(candidate_ids.shape, -math.inf)
+        for b in range(len(candidate_ids)):
+            valid = candidate_ids[b][retrieval[b, candidate_ids[b]] > -math.inf].tolist()
+            if not valid:
+                continue
+            ordered = sorted(valid)  # canonical order, the same as predict's
+            result = self.score_candidates(
+                item_seq[b, : item_seq_len[b]].tolist(), ordered, int(users[b]) if users is not None else 0
+            )
+            lookup = dict(zip(ordered, result.tolist()))
+            llm_scores[b, : len(valid)] = torch.tensor([lookup[i] for i in candidate_ids[b][: len(valid)].tolist()])
+        return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
+
+    # ------------------------------------------------------------------ reporting
+    def flops_estimate(self) -> int:
+        """Rough FLOPs to score one user (2 x parameters x tokens processed)."""
+        n_params = sum(p.numel() for p in self.llm.parameters())
+        item_tokens = sum(len(t) for t in self.item_token_ids[1:]) / max(1, self.n_items - 1)
+        prompt_tokens = 60 + self.max_history_items * (item_tokens + 3)
+        scored = self.num_candidates * item_tokens if self.score_method == "likelihood" else 0
+        return int(2 * n_params * (prompt_tokens + scored))
+
+    def __str__(self) -> str:
+        n_params = sum(p.numel() for p in self.llm.parameters())
+        return (
+            f"LLMGen(llm={type(self.llm).__name__} with {n_params / 1e6:.1f}M frozen parameters, "
+            f"score_method={self.score_method}, candidate_source={self.candidate_source}, "
+            f"num_candidates={self.num_candidates}, max_history_items={self.max_history_items}, "
+            f"chat_template={self.use_chat}, train_mode={self.train_mode})\nTrainable parameters: "
+            f"{sum(p.numel() for p in self.parameters() if p.requires_grad)}"
+        )

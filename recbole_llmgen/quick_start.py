@@ -1,0 +1,60 @@
+"""Entry points that run LLMGen and RecBole's built-in models the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import yaml
+
+DEFAULT_DATA_PATH = "datasets/"
+
+
+@contextlib.contextmanager
+def recbole_argv(argv: list[str] | None = None) -> Iterator[None]:
+    """RecBole's Config parses ``--key=value`` from ``sys.argv``: show it only ``argv``."""
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "recbole-llmgen", *(argv or [])]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _user_sets(key: str, config_file_list, config_dict) -> bool:
+    if config_dict and key in config_dict:
+        return True
+    for path in config_file_list or []:
+        with open(path, encoding="utf-8") as f:
+            if key in (yaml.safe_load(f) or {}):
+                return True
+    return False
+
+
+def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
+    """RecBole's ``run_recbole`` with the plugin registered; same arguments and return value.
+
+    Works for LLMGen and for every built-in model, so one entry point serves a comparison.
+    Datasets other than the bundled ml-100k are read from ``datasets/`` unless ``data_path``
+    is set.
+    """
+    import recbole.quick_start
+
+    config_dict = dict(config_dict or {})
+    if not _user_sets("data_path", config_file_list, config_dict):
+        config_dict["data_path"] = DEFAULT_DATA_PATH
+    if model is not None and not isinstance(model, str):
+        raise TypeError(f"model: expected a model name, got {model!r}")
+    if model is not None:
+        from recbole.utils import get_model
+
+        get_model(model)  # a named error listing known models, before any data is read
+    if config_file_list:
+        for path in config_file_list:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"config_files: {path!r} does not exist")
+    return recbole.quick_start.run_recbole(
+        model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict, saved=saved
+    )

@@ -1,0 +1,85 @@
+"""LLMGenTrainer: RecBole's Trainer, aware that a zero-shot LLM has nothing to train."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+
+
+class LLMGenTrainer(Trainer):
+    """RecBole's Trainer for LLMGen.
+
+    * ``train_mode: none``: ``fit`` runs one validation pass and no training; the checkpoint holds
+      the config and the (empty) trainable state only, never the frozen LLM; ``evaluate`` has no
+      best model to reload.
+    * The optimizer is built only from parameters that require grad (none when zero-shot).
+    * ``predict`` receives whole users: LLMGen groups rows by user and batches internally, and a
+      listwise scorer (verbalizer) needs all of a user's candidates in one call.
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.test_batch_size = float("inf")  # never split a user's rows in _spilt_predict
+
+    def _trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _build_optimizer(self, **kwargs):
+        if not self._trainable_parameters():
+            return None
+        kwargs.setdefault("params", self._trainable_parameters())
+        return super()._build_optimizer(**kwargs)
+
+    @property
+    def zero_shot(self) -> bool:
+        return getattr(self.model, "train_mode", "none") == "none"
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if not self.zero_shot:
+            return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        self.eval_collector.data_collect(train_data)
+        if verbose:
+            self.logger.info(set_color("train_mode: none", "green") + ": zero-shot, no training")
+        if valid_data:
+            self.best_valid_score, self.best_valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
+            if verbose:
+                self.logger.info(set_color("valid result", "blue") + f": {self.best_valid_result}")
+        if saved:
+            self._save_checkpoint(-1, verbose=verbose)
+        return self.best_valid_score, self.best_valid_result
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """Config + trainable state only, written to a temporary file and renamed into place."""
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = {
+            "config": self.config,
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "state_dict": {k: v for k, v in self.model.state_dict().items()},
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+        }
+        folder = os.path.dirname(os.path.abspath(saved_model_file))
+        os.makedirs(folder, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+        os.close(handle)
+        try:
+            torch.save(state, tmp, pickle_protocol=4)
+            os.replace(tmp, saved_model_file)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if self.zero_shot and model_file is None:
+            load_best_model = False  # nothing was trained: the model in memory is the model
+        return super().evaluate(eval_data, load_best_model, model_file, show_progress)

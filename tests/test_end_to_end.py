@@ -1,0 +1,35 @@
+"""The real bundled SmolLM2-135M-Instruct through RecBole's own run_recbole on a few ml-100k users."""
+
+import math
+
+
+def test_bundled_model_zero_shot_on_ml100k(cache_dir, tmp_path):
+    from recbole.quick_start import run_recbole
+
+    config = {
+        "llm_cache_dir": str(cache_dir),
+        "user_inter_num_interval": "[400,inf)",
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "show_progress": False,
+        "state": "ERROR",
+    }
+    result = run_recbole(model="LLMGen", dataset="ml-100k", config_dict=config)
+    for metric in ("ndcg@10", "hit@10", "mrr@10"):
+        value = result["test_result"][metric]
+        assert 0.0 <= value <= 1.0 and not math.isnan(value)
+    # the GGUF was de-quantized once into the cache folder, as safetensors
+    (cached,) = [p for p in cache_dir.iterdir() if p.name.startswith("SmolLM2-135M-Instruct.Q4_1-")]
+    assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
+
+
+def test_bundled_model_prefers_the_right_movie(cache_dir):
+    """A real LM, not noise: after Star Wars sequels, the next Star Wars film outscores a random title."""
+    from recbole_llmgen import scoring
+    from recbole_llmgen.llm import load_llm
+
+    model, tokenizer = load_llm("bundled:smollm2", cache_dir=cache_dir)
+    messages = [{"role": "user", "content": "I watched:\n1. Star Wars (1977)\n2. The Empire Strikes Back (1980)\nRecommend the next movie."}]
+    prompt = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["Return of the Jedi (1983)", "Kolya (1996)"]]
+    scores = scoring.shared_prefix_scores(model, prompt, conts)
+    assert scores[0] > scores[1]
