@@ -71,7 +71,11 @@ def main() -> None:
     naive_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    shared = [scoring.shared_prefix_scores(model.llm, p, c, model.llm_score_batch_size) for p, c in zip(prompts, conts)]
+    common = model.shared_prefix()  # the prompt head every user shares, computed once
+    shared = [
+        scoring.shared_prefix_scores(model.llm, p, c, model.llm_score_batch_size, shared=common)
+        for p, c in zip(prompts, conts)
+    ]
     shared_s = time.perf_counter() - start
 
     model.score_method = "verbalizer"

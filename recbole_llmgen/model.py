@@ -143,6 +143,7 @@ class LLMGen(SequentialRecommender):
         self.item_token_ids = self._tokenize_items()
         self.label_token_ids = self._label_token_ids() if self.score_method == "verbalizer" else None
         self._warned_overflow = False
+        self._shared_prefix = None
 
         # --- candidates ---
         self.item_counts = cand.item_counts(dataset.inter_feat[self.ITEM_ID], self.n_items)
@@ -260,12 +261,28 @@ class LLMGen(SequentialRecommender):
             window = window[1:]
 
     # ------------------------------------------------------------------ scoring
+    def shared_prefix(self) -> scoring.SharedPrefix:
+        """KV cache of the prompt tokens common to every user (computed once)."""
+        if self._shared_prefix is None:
+            a = self._encode(self.render_prompt(text.user_prompt(self.prompt_template, ["x"])))
+            b = self._encode(self.render_prompt(text.user_prompt(self.prompt_template, ["y"])))
+            common = 0
+            while common < min(len(a), len(b)) and a[common] == b[common]:
+                common += 1
+            # stop a token early: the boundary token may merge with the history text
+            self._shared_prefix = scoring.SharedPrefix(self.llm, a[: max(common - 1, 1)])
+        return self._shared_prefix
+
     def score_candidates(self, history: list[int], candidate_ids: list[int], user_key: int = 0) -> torch.Tensor:
         """LLM scores of ``candidate_ids`` for one user's history. [K], higher is better."""
         if self.score_method == "likelihood":
             prompt = self.build_prompt(history, candidate_ids)
             scores = scoring.shared_prefix_scores(
-                self.llm, prompt, [self.item_token_ids[i] for i in candidate_ids], self.llm_score_batch_size
+                self.llm,
+                prompt,
+                [self.item_token_ids[i] for i in candidate_ids],
+                self.llm_score_batch_size,
+                shared=self.shared_prefix(),
             )
         else:
             scores = torch.zeros(len(candidate_ids))
@@ -274,7 +291,9 @@ class LLMGen(SequentialRecommender):
                 order = torch.randperm(len(candidate_ids), generator=generator).tolist()
                 shown = [candidate_ids[i] for i in order]
                 prompt = self.build_prompt(history, shown)
-                label_scores = scoring.verbalizer_scores(self.llm, prompt, self.label_token_ids[: len(shown)])
+                label_scores = scoring.verbalizer_scores(
+                    self.llm, prompt, self.label_token_ids[: len(shown)], shared=self.shared_prefix()
+                )
                 scores[order] += label_scores
             scores /= self.verbalizer_permutations
         if self.popularity_prior:

@@ -1,7 +1,7 @@
 """Scoring item texts with a causal LM.
 
-``shared_prefix_scores`` runs the user's prompt once, keeps its KV cache, and scores every
-candidate continuation against copies of that cache in batches. ``naive_scores`` runs prompt +
+``shared_prefix_scores`` runs the user's prompt once, keeps its KV cache, and scores all candidate
+continuations in one packed pass over that cache. ``naive_scores`` runs prompt +
 candidate from scratch for each candidate: the reference the fast path must match (1e-4).
 ``verbalizer_scores`` reads the next-token log-probabilities of label tokens in one pass.
 """
@@ -15,11 +15,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _reduce(token_logprobs: torch.Tensor, lengths: torch.Tensor, normalization: str) -> torch.Tensor:
-    total = token_logprobs.sum(dim=-1)
-    return total / lengths if normalization == "mean" else total
-
-
 @torch.no_grad()
 def naive_scores(
     model, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]], normalization: str = "mean"
@@ -31,16 +26,61 @@ def naive_scores(
         ids = torch.tensor([list(prompt_ids) + list(cont)], device=device)
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()  # [L, V]
         logprobs = F.log_softmax(logits, dim=-1).gather(1, torch.tensor(cont, device=device)[:, None])[:, 0]
-        scores.append(_reduce(logprobs[None], torch.tensor([len(cont)], device=device), normalization)[0])
+        scores.append(logprobs.mean() if normalization == "mean" else logprobs.sum())
     return torch.stack(scores).cpu()
 
 
+class SharedPrefix:
+    """The KV cache of the tokens every prompt starts with (system message, instructions).
+
+    Computed once; a prompt that starts with exactly these token ids continues from a copy of
+    it instead of recomputing them. Same ids at the same positions: the same computation.
+    """
+
+    def __init__(self, model, ids: Sequence[int]):
+        self.ids = list(ids)
+        with torch.no_grad():
+            self.cache = model(input_ids=torch.tensor([self.ids], device=model.device), use_cache=True).cache
+
+    def split(self, prompt_ids: Sequence[int]):
+        """(cache copy, remaining ids) when the prompt extends this prefix, else (None, prompt)."""
+        n = len(self.ids)
+        if len(prompt_ids) > n and list(prompt_ids[:n]) == self.ids:
+            return copy.deepcopy(self.cache), list(prompt_ids[n:])
+        return None, list(prompt_ids)
+
+
 @torch.no_grad()
-def encode_prefix(model, prompt_ids: Sequence[int]):
+def encode_prefix(model, prompt_ids: Sequence[int], shared: SharedPrefix | None = None):
     """Run the prompt once: returns (KV cache [1, ...], log-probs of the next token [V])."""
-    ids = torch.tensor([list(prompt_ids)], device=model.device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, rest = shared.split(prompt_ids) if shared is not None else (None, list(prompt_ids))
+    ids = torch.tensor([rest], device=model.device)
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     return out.cache, F.log_softmax(out.logits[0, -1].float(), dim=-1)
+
+
+def pack_continuations(continuations: Sequence[Sequence[int]], prefix_length: int, dtype: torch.dtype):
+    """Lay candidates side by side after one prefix.
+
+    Returns ``input_ids`` [1, T] (each candidate without its last token), ``position_ids`` [1, T]
+    (every candidate restarts at ``prefix_length``), an additive attention mask
+    [1, 1, T, prefix_length + T] (each token sees the whole prefix and the earlier tokens of its
+    own candidate only), and ``segments``: the packed slice of each candidate.
+    """
+    inputs, positions, segments, start = [], [], [], 0
+    for cont in continuations:
+        body = list(cont[:-1])
+        inputs.extend(body)
+        positions.extend(range(prefix_length, prefix_length + len(body)))
+        segments.append((start, start + len(body)))
+        start += len(body)
+    total = start
+    allowed = torch.zeros(total, prefix_length + total, dtype=torch.bool)
+    allowed[:, :prefix_length] = True
+    for begin, end in segments:
+        allowed[begin:end, prefix_length + begin : prefix_length + end] = torch.ones(end - begin, end - begin).tril().bool()
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.tensor([inputs]), torch.tensor([positions]), mask[None, None], segments
 
 
 @torch.no_grad()
@@ -50,43 +90,47 @@ def shared_prefix_scores(
     continuations: Sequence[Sequence[int]],
     batch_size: int = 64,
     normalization: str = "mean",
+    shared: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """Log-probability of each continuation after the prompt, sharing the prompt's KV cache. [K]
 
-    The prompt runs once. Each batch of continuations (right-padded: a causal model never looks
-    at later positions, so padding changes no real position) runs on a copy of the prompt's cache
-    repeated along the batch. The first token's log-prob comes from the prompt's last logits.
+    The prompt runs once and its KV cache is kept. Candidates are packed into one sequence that
+    attends to that cache (see :func:`pack_continuations`): the prompt's keys and values are
+    neither recomputed nor copied per candidate. The first token of every candidate is scored
+    from the prompt's last logits; ``batch_size`` candidates go in each packed pass. ``shared``:
+    a prefix common to all prompts, computed once for all users.
     """
     if any(len(c) == 0 for c in continuations):
         raise ValueError("shared_prefix_scores: every continuation needs at least one token")
     device = model.device
-    cache, first_logprobs = encode_prefix(model, prompt_ids)
+    cache, first_logprobs = encode_prefix(model, prompt_ids, shared)
     scores = torch.empty(len(continuations))
     for start in range(0, len(continuations), batch_size):
         chunk = continuations[start : start + batch_size]
-        k, longest = len(chunk), max(len(c) for c in chunk)
-        targets = torch.zeros(k, longest, dtype=torch.long)
-        mask = torch.zeros(k, longest)
-        for row, cont in enumerate(chunk):
-            targets[row, : len(cont)] = torch.tensor(cont)
-            mask[row, : len(cont)] = 1
-        targets, mask = targets.to(device), mask.to(device)
-        token_logprobs = torch.zeros(k, longest, device=device)
-        token_logprobs[:, 0] = first_logprobs[targets[:, 0]]
-        if longest > 1:
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(k)
-            logits = model(input_ids=targets[:, :-1], cache=batch_cache, use_cache=True).logits
-            logprobs = F.log_softmax(logits.float(), dim=-1)  # [k, longest-1, V]
-            token_logprobs[:, 1:] = logprobs.gather(2, targets[:, 1:, None])[..., 0]
-        token_logprobs = token_logprobs * mask
-        scores[start : start + k] = _reduce(token_logprobs, mask.sum(dim=1), normalization).cpu()
+        token_logprobs = [[first_logprobs[c[0]]] for c in chunk]
+        if max(len(c) for c in chunk) > 1:
+            ids, positions, mask, segments = pack_continuations(chunk, len(prompt_ids), model.dtype)
+            logits = model(
+                input_ids=ids.to(device),
+                position_ids=positions.to(device),
+                attention_mask=mask.to(device),
+                cache=copy.deepcopy(cache),
+                use_cache=True,
+            ).logits[0]
+            logprobs = F.log_softmax(logits.float(), dim=-1)  # [T, V]
+            for row, (cont, (begin, end)) in enumerate(zip(chunk, segments)):
+                targets = torch.tensor(cont[1:], device=device)
+                token_logprobs[row].extend(logprobs[begin:end].gather(1, targets[:, None])[:, 0])
+        for row, values in enumerate(token_logprobs):
+            values = torch.stack(values)
+            scores[start + row] = (values.mean() if normalization == "mean" else values.sum()).item()
     return scores
 
 
 @torch.no_grad()
-def verbalizer_scores(model, prompt_ids: Sequence[int], label_token_ids: Sequence[int]) -> torch.Tensor:
+def verbalizer_scores(
+    model, prompt_ids: Sequence[int], label_token_ids: Sequence[int], shared: SharedPrefix | None = None
+) -> torch.Tensor:
     """Log-probabilities of the label tokens as the next token, normalised over the labels. [K]"""
-    ids = torch.tensor([list(prompt_ids)], device=model.device)
-    logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
-    return F.log_softmax(logits[list(label_token_ids)], dim=-1).cpu()
+    _, next_logprobs = encode_prefix(model, prompt_ids, shared)
+    return F.log_softmax(next_logprobs[list(label_token_ids)], dim=-1).cpu()

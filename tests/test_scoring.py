@@ -46,3 +46,25 @@ def test_verbalizer_scores_are_label_logprobs(tiny_llm):
     logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
     expected = torch.log_softmax(logits[labels], dim=-1)
     assert torch.allclose(scores, expected, atol=1e-5)
+
+
+def test_shared_prefix_across_users_changes_nothing(tiny_llm):
+    model, tokenizer = tiny_llm
+    head = "<|im_start|>user\nI watched:\n"
+    shared = scoring.SharedPrefix(model, tokenizer(head, add_special_tokens=False)["input_ids"])
+    conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["Heat (1995)", "Kolya (1996)"]]
+    for history in ["Up (2009)", "Alien (1979)\nAliens (1986)"]:
+        prompt = _prompt(tokenizer, head + history + "<|im_end|>\n<|im_start|>assistant\n")
+        cache, rest = shared.split(prompt)
+        assert cache is not None and len(rest) < len(prompt)
+        with_shared = scoring.shared_prefix_scores(model, prompt, conts, shared=shared)
+        assert torch.allclose(with_shared, scoring.naive_scores(model, prompt, conts), atol=1e-4)
+        labels = [tokenizer.encode(c, add_special_tokens=False)[0] for c in "AB"]
+        assert torch.allclose(
+            scoring.verbalizer_scores(model, prompt, labels, shared=shared),
+            scoring.verbalizer_scores(model, prompt, labels),
+            atol=1e-4,
+        )
+    # a prompt that does not start with the prefix is computed in full
+    other = _prompt(tokenizer, "<|im_start|>system\nHi<|im_end|>\n")
+    assert shared.split(other)[0] is None
