@@ -105,3 +105,10 @@ def test_cli_overrides_are_typed():
         "x": "[400,inf)",
         "flag": True,
     }
+
+
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "recbole-llmgen"]
+    assert script.value == "recbole_llmgen.cli:main"
