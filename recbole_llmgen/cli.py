@@ -47,13 +47,59 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config_files", nargs="+", default=None, help="yaml config files")
     run.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     run.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
+
+    conv = sub.add_parser("convert", help="raw MovieLens / Amazon / CSV dumps to RecBole atomic files with item text")
+    conv.add_argument("format", choices=["movielens", "amazon", "csv"])
+    conv.add_argument("--input", nargs="+", required=True, help="raw files or folders")
+    conv.add_argument("--output", required=True, help="datasets/NAME: writes NAME.inter and NAME.item there")
+    conv.add_argument("--min-user-inter", type=int, default=0, help="k-core: minimum interactions per user")
+    conv.add_argument("--min-item-inter", type=int, default=0, help="k-core: minimum interactions per item")
+    conv.add_argument("--rating-threshold", type=float, default=None, help="keep ratings >= this (implicit feedback)")
+    conv.add_argument("--keep-duplicates", action="store_true", help="keep repeated (user, item) pairs")
+    conv.add_argument("--strict", action="store_true", help="fail on the first malformed row")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    conv.add_argument("--user-col", default="user_id", help="csv: user column")
+    conv.add_argument("--item-col", default="item_id", help="csv: item column")
+    conv.add_argument("--rating-col", default="rating", help="csv: rating column ('' for none)")
+    conv.add_argument("--time-col", default="timestamp", help="csv: time column, number or date ('' for none)")
+    conv.add_argument("--items", default=None, help="csv: items file")
+    conv.add_argument("--item-id-col", default=None, help="csv: item id column of the items file")
+    conv.add_argument("--text-cols", default="title", help="csv: comma-separated text columns of the items file")
+    conv.add_argument("--sep", default=",", help="csv: field separator")
     return parser
+
+
+def _convert(args) -> int:
+    from recbole_llmgen.convert import ConversionError, CsvOptions, FilterOptions, convert
+
+    filters = FilterOptions(args.min_user_inter, args.min_item_inter, args.rating_threshold, not args.keep_duplicates)
+    csv_options = CsvOptions(
+        user_col=args.user_col,
+        item_col=args.item_col,
+        rating_col=args.rating_col or None,
+        time_col=args.time_col or None,
+        items=args.items,
+        item_id_col=args.item_id_col,
+        text_cols=[c for c in args.text_cols.split(",") if c],
+        sep=args.sep,
+    )
+    try:
+        report = convert(args.format, args.input, args.output, filters, csv_options, args.strict, args.overwrite)
+    except ConversionError as error:
+        print(f"recbole-llmgen convert: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "convert":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _convert(args)
     overrides = parse_overrides(rest)
     if args.command == "run":
         from recbole_llmgen.quick_start import recbole_argv, run_recbole

@@ -58,12 +58,26 @@ def has_recbole_dataset_yaml(dataset: str) -> bool:
     return os.path.isfile(os.path.join(root, "properties", "dataset", f"{dataset}.yaml"))
 
 
+def _alias_history_lists(config) -> None:
+    """Pre-split benchmark files may carry each history as ``item_id_list``: map its tokens into
+    the item id space (RecBole's ``alias_of_item_id``) unless the user configured aliases."""
+    final = config.final_config_dict
+    splits = final.get("benchmark_filename")
+    if not splits or "alias_of_item_id" in config.external_config_dict:
+        return
+    list_field = final["ITEM_ID_FIELD"] + final["LIST_SUFFIX"]
+    header = read_atomic_header(os.path.join(final["data_path"], f"{final['dataset']}.{splits[0]}.inter"))
+    if list_field in header:
+        final["alias_of_item_id"] = [*(final.get("alias_of_item_id") or []), list_field]
+
+
 def finalize_config(config) -> None:
     """Make RecBole load the item text fields (ml-100k's yaml loads only the .inter columns).
 
     Runs after every config layer is merged. A ``load_col`` the user wrote is left alone: the
     model then names any missing field and how to add it.
     """
+    _alias_history_lists(config)
     load_col = config.final_config_dict.get("load_col")
     if not isinstance(load_col, dict) or "load_col" in config.external_config_dict:
         return
