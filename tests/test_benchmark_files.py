@@ -3,7 +3,6 @@
 import math
 
 import torch
-
 from conftest import build
 
 
