@@ -169,3 +169,13 @@ def test_cli_convert(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["convert", "movielens", "--input", str(raw), "--output", str(tmp_path / "o" / "d")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bad_encoding_is_reported(tmp_path):
+    latest = tmp_path / "ml-latest"
+    latest.mkdir()
+    (latest / "ratings.csv").write_bytes(b"userId,movieId,rating,timestamp\n1,11,4.5,964982703\n2,1\xff1,3.0,964981247\n")
+    report = convert("movielens", [str(latest)], str(tmp_path / "out" / "enc"))
+    assert report.problems.counts == {"bad encoding": 1}
+    assert "ratings.csv:3" in report.problems.summary()
+    assert report.interactions == 1
