@@ -18,12 +18,12 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_llmgen import candidates as cand
-from recbole_llmgen import scoring, text
+from recbole_llmgen import generation, scoring, text
 from recbole_llmgen.llm import load_llm
 
 logger = logging.getLogger(__name__)
 
-SCORE_METHODS = ("likelihood", "verbalizer")
+SCORE_METHODS = ("likelihood", "verbalizer", "generate")
 CANDIDATE_SOURCES = ("pop", "text")
 TRAIN_MODES = ("none",)
 
@@ -127,6 +127,7 @@ class LLMGen(SequentialRecommender):
         self.max_item_text_tokens = positive_int(config, "max_item_text_tokens")
         self.verbalizer_permutations = positive_int(config, "verbalizer_permutations")
         self.llm_score_batch_size = positive_int(config, "llm_score_batch_size")
+        self.num_beams = positive_int(config, "num_beams")
         self.popularity_prior = float(config["popularity_prior"] or 0.0)
         self.prompt_template = config["prompt_template"]
         if "{history}" not in (self.prompt_template or ""):
@@ -158,6 +159,7 @@ class LLMGen(SequentialRecommender):
         self.label_token_ids = self._label_token_ids() if self.score_method == "verbalizer" else None
         self._warned_overflow = False
         self._shared_prefix = None
+        self._trie = None
 
         # --- candidates ---
         self.item_counts = cand.item_counts(dataset.inter_feat[self.ITEM_ID], self.n_items)
@@ -239,14 +241,16 @@ class LLMGen(SequentialRecommender):
     def _encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=not self.use_chat)["input_ids"]
 
-    def build_prompt(self, history: list[int], candidate_ids: list[int] | None = None) -> list[int]:
+    def build_prompt(
+        self, history: list[int], candidate_ids: list[int] | None = None, reserve_tokens: int = 0
+    ) -> list[int]:
         """Prompt token ids from the most recent ``max_history_items`` items (oldest dropped on overflow).
 
         ``history`` holds inner item ids, oldest first, and never the target (RecBole's
         ``item_id_list`` is the sequence *before* the target).
         """
         window = [i for i in history if i != 0][-self.max_history_items :]
-        reserve = 0 if candidate_ids is None else max(len(self.item_token_ids[i]) for i in candidate_ids)
+        reserve = reserve_tokens if candidate_ids is None else max(len(self.item_token_ids[i]) for i in candidate_ids)
         while True:
             texts = [self.item_texts[i] for i in window]
             if self.score_method == "verbalizer" and candidate_ids is not None:
@@ -287,9 +291,30 @@ class LLMGen(SequentialRecommender):
             self._shared_prefix = scoring.SharedPrefix(self.llm, a[: max(common - 1, 1)])
         return self._shared_prefix
 
+    def item_trie(self) -> generation.ItemTrie:
+        """Prefix tree of every item's tokens (the same tokens the likelihood scorer uses)."""
+        if self._trie is None:
+            items = list(range(1, self.n_items))
+            self._trie = generation.ItemTrie([self.item_token_ids[i] for i in items], items)
+        return self._trie
+
+    def generate_items(self, history: list[int]) -> list[tuple[int, float]]:
+        """Catalogue items reached by constrained beam search, best first: (item id, score)."""
+        longest = max(len(t) for t in self.item_token_ids[1:])
+        prompt = self.build_prompt(history, reserve_tokens=longest)
+        found = generation.constrained_beam_search(
+            self.llm, prompt, self.item_trie(), self.num_beams, shared=self.shared_prefix()
+        )
+        seen = {i for i in history if i}
+        found = [(item, score) for item, score in found if item not in seen]
+        if self.popularity_prior:
+            found = [(i, s + self.popularity_prior * float(torch.log1p(self.item_counts[i].float()))) for i, s in found]
+            found.sort(key=lambda kv: (-kv[1], kv[0]))
+        return found
+
     def score_candidates(self, history: list[int], candidate_ids: list[int], user_key: int = 0) -> torch.Tensor:
         """LLM scores of ``candidate_ids`` for one user's history. [K], higher is better."""
-        if self.score_method == "likelihood":
+        if self.score_method in ("likelihood", "generate"):  # a beam's score is the likelihood
             prompt = self.build_prompt(history, candidate_ids)
             scores = scoring.shared_prefix_scores(
                 self.llm,
@@ -366,6 +391,8 @@ class LLMGen(SequentialRecommender):
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         users = interaction[self.USER_ID].cpu() if self.USER_ID in interaction.interaction else None
         retrieval = self.retrieval_scores(item_seq, item_seq_len)  # [B, n_items]
+        if self.score_method == "generate":
+            return self._generate_full_sort(item_seq, item_seq_len, retrieval)
         candidate_ids = cand.top_candidates(retrieval, self.num_candidates)  # [B, K]
         llm_scores = torch.full(candidate_ids.shape, -math.inf)
         for b in range(len(candidate_ids)):
@@ -378,6 +405,18 @@ class LLMGen(SequentialRecommender):
             )
             lookup = dict(zip(ordered, result.tolist()))
             llm_scores[b, : len(valid)] = torch.tensor([lookup[i] for i in candidate_ids[b][: len(valid)].tolist()])
+        return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
+
+    def _generate_full_sort(self, item_seq, item_seq_len, retrieval) -> torch.Tensor:
+        """Items the beams reached, by score, above all others (kept in retriever order). [B, n_items]"""
+        found = [self.generate_items(item_seq[b, : item_seq_len[b]].tolist()) for b in range(len(item_seq))]
+        width = max(1, max(len(f) for f in found))
+        candidate_ids = torch.zeros(len(found), width, dtype=torch.long)
+        llm_scores = torch.full((len(found), width), -math.inf)
+        for b, pairs in enumerate(found):
+            if pairs:
+                candidate_ids[b, : len(pairs)] = torch.tensor([i for i, _ in pairs])
+                llm_scores[b, : len(pairs)] = torch.tensor([s for _, s in pairs])
         return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
 
     # ------------------------------------------------------------------ reporting

@@ -1,0 +1,109 @@
+"""Direct generation of catalogue items: a prefix tree of item token ids and a beam search that
+can only walk it, so every finished beam is exactly one catalogue text.
+
+Item scores are the mean log-probability of the item's tokens after the prompt, the number
+``scoring.shared_prefix_scores`` gives the same item (beams are ranked while searching by their
+summed log-probability, as usual; finished items by the length-normalised one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from recbole_llmgen.scoring import SharedPrefix, encode_prefix
+
+
+class ItemTrie:
+    """Prefix tree over item token sequences.
+
+    Node 0 is the root. ``children[node]`` maps a token id to the next node; ``items[node]`` lists
+    the item ids whose text ends exactly there (the explicit end marker: a text that is a prefix of
+    another text stays reachable). Several items with the same text share one node, ids sorted.
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]], item_ids: Sequence[int]):
+        self.children: list[dict[int, int]] = [{}]
+        self.items: list[list[int]] = [[]]
+        for tokens, item in zip(sequences, item_ids):
+            if not tokens:
+                raise ValueError(f"item {item} has no tokens: it could never be generated")
+            node = 0
+            for token in tokens:
+                nxt = self.children[node].get(token)
+                if nxt is None:
+                    nxt = len(self.children)
+                    self.children[node][token] = nxt
+                    self.children.append({})
+                    self.items.append([])
+                node = nxt
+            self.items[node].append(int(item))
+        for ids in self.items:
+            ids.sort()
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+    def walk(self, tokens: Sequence[int]) -> int | None:
+        node = 0
+        for token in tokens:
+            node = self.children[node].get(token)
+            if node is None:
+                return None
+        return node
+
+    def items_of(self, tokens: Sequence[int]) -> list[int]:
+        node = self.walk(tokens)
+        return [] if node is None else list(self.items[node])
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    model,
+    prompt_ids: Sequence[int],
+    trie: ItemTrie,
+    num_beams: int,
+    shared: SharedPrefix | None = None,
+) -> list[tuple[int, float]]:
+    """Items reachable by a beam search over ``trie`` after the prompt, best first.
+
+    The prompt runs once; its KV cache is replicated to the live beams and reordered by parent at
+    every step. Returns ``(item_id, mean token log-prob)`` for every item whose end a beam reached,
+    sorted by score (ties by item id). With ``num_beams`` >= the number of items every item is
+    reached, so the result is the exact ranking of the whole catalogue.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")
+    cache, first = encode_prefix(model, prompt_ids, shared)
+    next_logprobs = first[None].cpu()  # [beams, V]
+    beams = [(0, 0.0, 0)]  # (trie node, summed log-prob, length)
+    finished: dict[int, float] = {}
+    while beams:
+        expansions = []
+        for b, (node, total, length) in enumerate(beams):
+            tokens = list(trie.children[node])
+            if not tokens:
+                continue
+            values = next_logprobs[b, tokens].tolist()
+            for token, value in zip(tokens, values):
+                expansions.append((total + value, b, token, trie.children[node][token], length + 1))
+        if not expansions:
+            break
+        expansions.sort(key=lambda e: (-e[0], e[1], e[2]))  # deterministic order on ties
+        live = []
+        for total, parent, token, child, length in expansions[:num_beams]:
+            for item in trie.items[child]:
+                finished[item] = total / length
+            if trie.children[child]:
+                live.append((child, total, length, parent, token))
+        if not live:
+            break
+        device = model.device
+        cache.batch_select_indices(torch.tensor([p for *_, p, _ in live], device=device))
+        inputs = torch.tensor([[t] for *_, t in live], device=device)
+        logits = model(input_ids=inputs, cache=cache, use_cache=True).logits[:, -1]
+        next_logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+        beams = [(child, total, length) for child, total, length, _, _ in live]
+    return sorted(finished.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -1,0 +1,126 @@
+"""Constrained generation: only catalogue items, scores equal to the likelihood scorer."""
+
+import math
+
+import pytest
+import torch
+from conftest import build
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from recbole_llmgen import scoring
+from recbole_llmgen.generation import ItemTrie, constrained_beam_search
+
+# token ids of real vocabulary entries, few enough that texts collide and share prefixes
+TOKENS = st.integers(min_value=300, max_value=306)
+CATALOGUE = st.lists(st.lists(TOKENS, min_size=1, max_size=5), min_size=1, max_size=10)
+SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@given(CATALOGUE)
+def test_trie_maps_every_text_to_all_its_items(texts):
+    items = list(range(1, len(texts) + 1))
+    trie = ItemTrie(texts, items)
+    for text, item in zip(texts, items):
+        same = sorted(i for t, i in zip(texts, items) if t == text)
+        assert item in same and trie.items_of(text) == same  # duplicates map to all, in id order
+    assert trie.walk([999]) is None
+
+
+def test_trie_refuses_an_empty_text():
+    with pytest.raises(ValueError, match="item 3 has no tokens"):
+        ItemTrie([[1], []], [1, 3])
+
+
+def _prompt(tokenizer):
+    text = "<|im_start|>user\nI watched Heat<|im_end|>\n<|im_start|>assistant\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@SLOW
+@given(CATALOGUE, st.integers(min_value=1, max_value=4))
+def test_beams_only_reach_catalogue_items_with_likelihood_scores(tiny_llm, texts, num_beams):
+    model, tokenizer = tiny_llm
+    prompt = _prompt(tokenizer)
+    items = list(range(1, len(texts) + 1))
+    found = constrained_beam_search(model, prompt, ItemTrie(texts, items), num_beams)
+    assert found and all(item in items for item, _ in found)  # 0 invalid items
+    assert len({i for i, _ in found}) == len(found)
+    expected = scoring.shared_prefix_scores(model, prompt, texts)
+    for item, score in found:
+        assert math.isclose(score, expected[item - 1].item(), abs_tol=1e-4)
+
+
+@SLOW
+@given(CATALOGUE)
+def test_a_beam_as_wide_as_the_catalogue_ranks_it_exactly(tiny_llm, texts):
+    model, tokenizer = tiny_llm
+    prompt = _prompt(tokenizer)
+    items = list(range(1, len(texts) + 1))
+    found = constrained_beam_search(model, prompt, ItemTrie(texts, items), num_beams=len(texts))
+    assert sorted(i for i, _ in found) == items  # every item reached, prefix texts included
+    expected = scoring.shared_prefix_scores(model, prompt, texts)
+    truth = sorted(items, key=lambda i: (-expected[i - 1].item(), i))
+    got = [i for i, _ in found]
+    # identical order up to float ties
+    for a, b in zip(got, truth):
+        assert a == b or abs(expected[a - 1] - expected[b - 1]) < 1e-4
+
+
+def test_unicode_and_long_titles_tokenised_like_the_scorer(tiny_llm):
+    model, tokenizer = tiny_llm
+    titles = ["Amélie (2001)", "東京物語 (1953)", "Amélie", "A " * 40 + "(1999)", "Zoë's Ünicode 🎬"]
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"][:12] for t in titles]  # long one cut
+    items = list(range(1, len(texts) + 1))
+    found = dict(constrained_beam_search(model, _prompt(tokenizer), ItemTrie(texts, items), num_beams=len(items)))
+    expected = scoring.shared_prefix_scores(model, _prompt(tokenizer), texts)
+    assert set(found) == set(items)
+    for item in items:
+        assert math.isclose(found[item], expected[item - 1].item(), abs_tol=1e-4)
+
+
+def test_generate_full_sort_predict(toy_config_dict):
+    config = dict(toy_config_dict, score_method="generate", num_beams=40)  # wider than the catalogue
+    _, model, _, _, test_data = build(config)
+    batch = next(iter(test_data))[0]
+    scores = model.full_sort_predict(batch)
+    assert scores.shape == (len(batch), model.n_items)
+    for row in range(len(batch)):
+        history = batch[model.ITEM_SEQ][row, : batch[model.ITEM_SEQ_LEN][row]].tolist()
+        unseen = [i for i in range(1, model.n_items) if i not in history]
+        # every unseen item reached, at its likelihood score
+        likelihood = model.score_candidates(history, unseen)
+        assert torch.allclose(scores[row, unseen], likelihood, atol=1e-4)
+        assert all(scores[row, i] == -math.inf for i in history)
+    # predict (sampled protocols) gives the same numbers
+    from recbole.data.interaction import Interaction
+
+    items = torch.tensor([1, 2, 3])
+    inter = Interaction(
+        {
+            model.USER_ID: batch[model.USER_ID][:1].repeat(3),
+            model.ITEM_SEQ: batch[model.ITEM_SEQ][:1].repeat(3, 1),
+            model.ITEM_SEQ_LEN: batch[model.ITEM_SEQ_LEN][:1].repeat(3),
+            model.ITEM_ID: items,
+        }
+    )
+    predicted = model.predict(inter)
+    history = batch[model.ITEM_SEQ][0, : batch[model.ITEM_SEQ_LEN][0]].tolist()
+    for k, item in enumerate(items.tolist()):
+        if item not in history:
+            assert math.isclose(predicted[k].item(), scores[0, item].item(), abs_tol=1e-4)
+
+
+def test_narrow_beams_rank_reached_items_above_the_rest(toy_config_dict):
+    _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", num_beams=2))
+    batch = next(iter(test_data))[0]
+    scores = model.full_sort_predict(batch)
+    retrieval = model.retrieval_scores(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    for row in range(len(batch)):
+        history = batch[model.ITEM_SEQ][row, : batch[model.ITEM_SEQ_LEN][row]].tolist()
+        reached = {i for i, _ in model.generate_items(history)}
+        assert reached and all(0 < i < model.n_items for i in reached)
+        others = [i for i in range(1, model.n_items) if i not in reached and i not in history]
+        assert max(scores[row, others]) < min(scores[row, list(reached)])
+        by_score = sorted(others, key=lambda i: -scores[row, i].item())
+        assert by_score == sorted(others, key=lambda i: (-retrieval[row, i].item(), i))
