@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     run.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
 
+    rec = sub.add_parser("recommend", help="top-k recommendations (with explanations) for given users")
+    rec.add_argument("--dataset", "-d", default=None, help="dataset name (default: the model file's)")
+    rec.add_argument("--user", action="append", required=True, help="a user id of the dataset (repeatable)")
+    rec.add_argument("--topk", type=int, default=10)
+    rec.add_argument("--explain", action="store_true", help="one or two sentences per item from the LLM")
+    rec.add_argument("--model-file", default=None, help="a saved LLMGen checkpoint (saved/LLMGen-*.pth)")
+    rec.add_argument("--model", "-m", default="LLMGen")
+    rec.add_argument("--config_files", nargs="+", default=None)
+    rec.add_argument("--json", default=None, metavar="PATH", help="write the rows as a JSON list")
+
     conv = sub.add_parser("convert", help="raw MovieLens / Amazon / CSV dumps to RecBole atomic files with item text")
     conv.add_argument("format", choices=["movielens", "amazon", "csv"])
     conv.add_argument("--input", nargs="+", required=True, help="raw files or folders")
@@ -67,6 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--text-cols", default="title", help="csv: comma-separated text columns of the items file")
     conv.add_argument("--sep", default=",", help="csv: field separator")
     return parser
+
+
+def _recommend(args, overrides: dict) -> int:
+    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.recommend import format_table, recommend
+
+    if args.dataset is None and args.model_file is None:
+        raise SystemExit("recbole-llmgen recommend: give --dataset or --model-file")
+    with recbole_argv():
+        frame = recommend(
+            args.user,
+            topk=args.topk,
+            dataset=args.dataset,
+            config_file_list=args.config_files,
+            config_dict=overrides or None,
+            model_file=args.model_file,
+            explain=args.explain,
+            model=args.model,
+        )
+    print(format_table(frame))
+    if args.json:
+        frame.to_json(args.json, orient="records", indent=2, force_ascii=False)
+    return 0
 
 
 def _convert(args) -> int:
@@ -101,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _convert(args)
     overrides = parse_overrides(rest)
+    if args.command == "recommend":
+        return _recommend(args, overrides)
     if args.command == "run":
         from recbole_llmgen.quick_start import recbole_argv, run_recbole
 

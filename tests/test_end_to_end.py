@@ -33,3 +33,12 @@ def test_bundled_model_prefers_the_right_movie(cache_dir):
     conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["Return of the Jedi (1983)", "Kolya (1996)"]]
     scores = scoring.shared_prefix_scores(model, prompt, conts)
     assert scores[0] > scores[1]
+
+
+def test_bundled_model_recommends_with_explanations(cache_dir):
+    from recbole_llmgen import recommend
+
+    config = {"llm_cache_dir": str(cache_dir), "score_method": "generate", "num_beams": 5, "state": "ERROR"}
+    frame = recommend("196", topk=3, dataset="ml-100k", config_dict=config, explain=True)
+    assert len(frame) == 3 and frame["item_id"].is_unique
+    assert all(len(e.split()) >= 3 for e in frame["explanation"])
