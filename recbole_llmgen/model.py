@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 SCORE_METHODS = ("likelihood", "verbalizer", "generate")
 CANDIDATE_SOURCES = ("pop", "text")
 TRAIN_MODES = ("none",)
+GENERATION_CONSTRAINTS = ("trie", "none")
 
 
 def choice(config, key: str, allowed: tuple[str, ...]) -> str:
@@ -128,6 +129,8 @@ class LLMGen(SequentialRecommender):
         self.verbalizer_permutations = positive_int(config, "verbalizer_permutations")
         self.llm_score_batch_size = positive_int(config, "llm_score_batch_size")
         self.num_beams = positive_int(config, "num_beams")
+        self.generation_constraint = choice(config, "generation_constraint", GENERATION_CONSTRAINTS)
+        self.generation_stats = {"generations": 0, "exact": 0}
         self.popularity_prior = float(config["popularity_prior"] or 0.0)
         self.prompt_template = config["prompt_template"]
         if "{history}" not in (self.prompt_template or ""):
@@ -152,7 +155,9 @@ class LLMGen(SequentialRecommender):
         has_template = getattr(tokenizer, "chat_template", None) is not None
         self.use_chat = has_template if use_chat in ("auto", None) else bool(use_chat)
         if self.use_chat and not has_template:
-            raise ValueError(f"use_chat_template: True, but the tokenizer of {config['llm_path']!r} has no chat template")
+            raise ValueError(
+                f"use_chat_template: True, but the tokenizer of {config['llm_path']!r} has no chat template"
+            )
         context = getattr(llm.config, "max_position_embeddings", None) or 2048
         self.max_length = int(config["llm_max_length"] or context)
         self.item_token_ids = self._tokenize_items()
@@ -407,8 +412,51 @@ class LLMGen(SequentialRecommender):
             llm_scores[b, : len(valid)] = torch.tensor([lookup[i] for i in candidate_ids[b][: len(valid)].tolist()])
         return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
 
+    @torch.no_grad()
+    def generate_free_text(self, history: list[int]) -> list[str]:
+        """``num_beams`` unconstrained generations (beam search), best first."""
+        prompt = self.build_prompt(history, reserve_tokens=self.max_item_text_tokens)
+        ids = torch.tensor([prompt], device=self.llm.device)
+        newline = self.tokenizer.encode("\n", add_special_tokens=False)
+        output = self.llm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=self.max_item_text_tokens,
+            num_beams=self.num_beams,
+            num_return_sequences=self.num_beams,
+            do_sample=False,
+            eos_token_id=[self.tokenizer.eos_token_id, *newline[-1:]],
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        texts = self.tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
+    def ground(self, generations: list[str]) -> torch.Tensor:
+        """Catalogue scores of free generations: the best cosine similarity to any of them, the
+        earlier (better) generation winning ties. Counts exact catalogue texts. [n_items]"""
+        exact = set(self.item_texts[1:])
+        self.generation_stats["generations"] += len(generations)
+        self.generation_stats["exact"] += sum(1 for g in generations if g in exact)
+        embeddings = cand.encode_texts(self.text_encoder_path, ["", *generations])[1:]  # [G, d]
+        similarity = embeddings @ self.item_embeddings().T  # [G, n_items]
+        rank_penalty = 1e-4 * torch.arange(len(generations), dtype=similarity.dtype).unsqueeze(1)
+        return (similarity - rank_penalty).max(dim=0).values
+
     def _generate_full_sort(self, item_seq, item_seq_len, retrieval) -> torch.Tensor:
         """Items the beams reached, by score, above all others (kept in retriever order). [B, n_items]"""
+        if self.generation_constraint == "none":
+            rows = []
+            for b in range(len(item_seq)):
+                history = item_seq[b, : item_seq_len[b]].tolist()
+                rows.append(self.ground(self.generate_free_text(history)))
+            grounded = cand.mask_seen(
+                torch.stack(rows), [item_seq[b, : item_seq_len[b]].tolist() for b in range(len(item_seq))]
+            )
+            stats = self.generation_stats
+            logger.info(
+                "free generation: %d of %d generations were exact catalogue texts", stats["exact"], stats["generations"]
+            )
+            return grounded.to(self.device)
         found = [self.generate_items(item_seq[b, : item_seq_len[b]].tolist()) for b in range(len(item_seq))]
         width = max(1, max(len(f) for f in found))
         candidate_ids = torch.zeros(len(found), width, dtype=torch.long)

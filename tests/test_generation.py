@@ -124,3 +124,24 @@ def test_narrow_beams_rank_reached_items_above_the_rest(toy_config_dict):
         assert max(scores[row, others]) < min(scores[row, list(reached)])
         by_score = sorted(others, key=lambda i: -scores[row, i].item())
         assert by_score == sorted(others, key=lambda i: (-retrieval[row, i].item(), i))
+
+
+def test_free_generation_is_grounded_to_the_catalogue(toy_config_dict, monkeypatch):
+    _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", generation_constraint="none", num_beams=3))
+    batch = next(iter(test_data))[0]
+    history = batch[model.ITEM_SEQ][0, : batch[model.ITEM_SEQ_LEN][0]].tolist()
+    target = next(i for i in range(1, model.n_items) if i not in history)
+    generations = model.generate_free_text(history)
+    assert len(generations) == 3 and all(isinstance(g, str) for g in generations)
+    # an exact catalogue text is grounded to that item, and counted
+    monkeypatch.setattr(model, "generate_free_text", lambda h: [model.item_texts[target], "something else entirely"])
+    scores = model.full_sort_predict(batch)
+    assert scores.shape == (len(batch), model.n_items)
+    assert int(scores[0].argmax()) == target
+    assert all(scores[0, i] == -math.inf for i in history)
+    assert model.generation_stats["exact"] == len(batch) and model.generation_stats["generations"] == 2 * len(batch)
+
+
+def test_unknown_generation_constraint(toy_config_dict):
+    with pytest.raises(ValueError, match=r"generation_constraint: 'regex' is not allowed; choose one of trie, none"):
+        build(dict(toy_config_dict, generation_constraint="regex"))
