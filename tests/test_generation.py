@@ -145,3 +145,21 @@ def test_free_generation_is_grounded_to_the_catalogue(toy_config_dict, monkeypat
 def test_unknown_generation_constraint(toy_config_dict):
     with pytest.raises(ValueError, match=r"generation_constraint: 'regex' is not allowed; choose one of trie, none"):
         build(dict(toy_config_dict, generation_constraint="regex"))
+
+
+def test_item_tokens_are_the_tokens_they_get_after_the_prompt(tokenizer):
+    """The trie and the scorer use item tokens as tokenized alone; after the chat template's
+    assistant header they must be exactly what the whole prompt + text tokenizes to."""
+    import os
+
+    import recbole
+
+    path = os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k", "ml-100k.item")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f.readlines()[1:]]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for row in rows:
+        text = f"{row[1]} ({row[2]})" if row[2] else row[1]
+        alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer(prompt + text, add_special_tokens=False)["input_ids"] == prompt_ids + alone, text
