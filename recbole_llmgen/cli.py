@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and evaluate one model (LLMGen or any RecBole built-in) on a dataset",
         epilog="Any --key=value is a RecBole/LLMGen config override, e.g. --num_candidates=20.",
     )
-    run.add_argument("--model", "-m", default="LLMGen", help="model name (default: LLMGen)")
-    run.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
+    run.add_argument("--model", "-m", default=None, help="model name (default: the config files', else LLMGen)")
+    run.add_argument("--dataset", "-d", default=None, help="dataset name (default: the config files', else ml-100k)")
     run.add_argument("--config_files", nargs="+", default=None, help="yaml config files")
     run.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     run.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--text-cols", default="title", help="csv: comma-separated text columns of the items file")
     conv.add_argument("--sep", default=",", help="csv: field separator")
     return parser
+
+
+def _from_config_files(paths) -> dict:
+    merged = {}
+    for path in paths or []:
+        try:
+            with open(path, encoding="utf-8") as f:
+                merged.update(yaml.safe_load(f) or {})
+        except FileNotFoundError as error:
+            raise SystemExit(f"recbole-llmgen: --config_files: {path!r} does not exist") from error
+    return merged
 
 
 def _recommend(args, overrides: dict) -> int:
@@ -138,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         return _recommend(args, overrides)
     if args.command == "run":
         from recbole_llmgen.quick_start import recbole_argv, run_recbole
+
+        from_files = _from_config_files(args.config_files)
+        args.model = args.model or overrides.pop("model", None) or from_files.get("model") or "LLMGen"
+        args.dataset = args.dataset or overrides.pop("dataset", None) or from_files.get("dataset") or "ml-100k"
 
         start = time.perf_counter()
         with recbole_argv():

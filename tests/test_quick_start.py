@@ -112,3 +112,26 @@ def test_console_script_is_installed():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "recbole-llmgen"]
     assert script.value == "recbole_llmgen.cli:main"
+
+
+def test_cli_takes_model_and_dataset_from_config_files(tmp_path, toy_root, monkeypatch):
+    """A yaml that names another model is not overridden by the command's defaults."""
+    import yaml
+
+    from recbole_llmgen import cli
+
+    seen = {}
+
+    def fake_run_recbole(model, dataset, config_file_list, config_dict, saved):
+        seen.update(model=model, dataset=dataset)
+        return {"best_valid_result": {}, "test_result": {}}
+
+    monkeypatch.setattr("recbole_llmgen.quick_start.run_recbole", fake_run_recbole)
+    path = tmp_path / "bpr.yaml"
+    path.write_text(yaml.safe_dump({"model": "BPR", "dataset": "toy"}))
+    assert cli.main(["run", "--config_files", str(path)]) == 0
+    assert seen == {"model": "BPR", "dataset": "toy"}
+    assert cli.main(["run"]) == 0
+    assert seen == {"model": "LLMGen", "dataset": "ml-100k"}
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["run", "--config_files", str(tmp_path / "missing.yaml")])
