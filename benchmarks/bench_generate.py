@@ -47,16 +47,17 @@ def main() -> None:
         model = recbole_llmgen.LLMGen(config, train_data._dataset)
         invalid = generated = 0
         if method == "generate":
-            original = model.generate_items
+            original = model.generate_items_batch
 
-            def checked(history, _original=original, _n_items=model.n_items):
+            def checked(histories, _original=original, _n_items=model.n_items):
                 nonlocal invalid, generated
-                found = _original(history)
-                generated += len(found)
-                invalid += sum(1 for i, _ in found if not (0 < i < _n_items) or i in history)
+                found = _original(histories)
+                for history, pairs in zip(histories, found):
+                    generated += len(pairs)
+                    invalid += sum(1 for i, _ in pairs if not (0 < i < _n_items) or i in history)
                 return found
 
-            model.generate_items = checked
+            model.generate_items_batch = checked
         if args.users:
             limit = args.users
             batches = []

@@ -107,3 +107,69 @@ def constrained_beam_search(
         next_logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
         beams = [(child, total, length) for child, total, length, _, _ in live]
     return sorted(finished.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+@torch.no_grad()
+def batched_constrained_beam_search(
+    model, prompts: Sequence[Sequence[int]], trie: ItemTrie, num_beams: int, pad_token_id: int = 0
+) -> list[list[tuple[int, float]]]:
+    """:func:`constrained_beam_search` for several users at once: same results, bigger matmuls.
+
+    Prompts are left-padded into one batch (2-D attention mask, explicit position ids); every step
+    feeds the live beams of all users together, each row attending to its own user's prompt only.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")
+    device = model.device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt))
+        mask[row, width - len(prompt) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.cache
+    next_logprobs = F.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # [rows, V]
+    # one row per live beam: (user, trie node, summed log-prob, length)
+    beams = [(user, 0, 0.0, 0) for user in range(len(prompts))]
+    finished: list[dict[int, float]] = [{} for _ in prompts]
+    step = 0
+    while beams:
+        per_user: dict[int, list] = {}
+        for row, (user, node, total, length) in enumerate(beams):
+            tokens = list(trie.children[node])
+            values = next_logprobs[row, tokens].tolist() if tokens else []
+            for token, value in zip(tokens, values):
+                per_user.setdefault(user, []).append((total + value, row, token, trie.children[node][token], length + 1))
+        live = []
+        for user in sorted(per_user):
+            expansions = sorted(per_user[user], key=lambda e: (-e[0], e[1], e[2]))[:num_beams]
+            for total, row, token, child, length in expansions:
+                for item in trie.items[child]:
+                    finished[user][item] = total / length
+                if trie.children[child]:
+                    live.append((user, child, total, length, row, token))
+        if not live:
+            break
+        step += 1
+        cache.batch_select_indices(torch.tensor([row for *_, row, _ in live], device=device))
+        users = [user for user, *_ in live]
+        step_mask = torch.cat([mask[users], torch.ones(len(live), step, dtype=torch.long)], dim=1)
+        step_positions = torch.tensor([[len(prompts[u]) + step - 1] for u in users])
+        logits = model(
+            input_ids=torch.tensor([[token] for *_, token in live], device=device),
+            attention_mask=step_mask.to(device),
+            position_ids=step_positions.to(device),
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        next_logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+        beams = [(user, child, total, length) for user, child, total, length, _, _ in live]
+    return [sorted(f.items(), key=lambda kv: (-kv[1], kv[0])) for f in finished]

@@ -129,6 +129,7 @@ class LLMGen(SequentialRecommender):
         self.verbalizer_permutations = positive_int(config, "verbalizer_permutations")
         self.llm_score_batch_size = positive_int(config, "llm_score_batch_size")
         self.num_beams = positive_int(config, "num_beams")
+        self.generation_users_per_batch = positive_int(config, "generation_users_per_batch")
         self.generation_constraint = choice(config, "generation_constraint", GENERATION_CONSTRAINTS)
         self.generation_stats = {"generations": 0, "exact": 0}
         self.popularity_prior = float(config["popularity_prior"] or 0.0)
@@ -305,17 +306,33 @@ class LLMGen(SequentialRecommender):
 
     def generate_items(self, history: list[int]) -> list[tuple[int, float]]:
         """Catalogue items reached by constrained beam search, best first: (item id, score)."""
+        return self.generate_items_batch([history])[0]
+
+    def generate_items_batch(self, histories: list[list[int]]) -> list[list[tuple[int, float]]]:
+        """:meth:`generate_items` for several users, ``generation_users_per_batch`` per forward pass."""
         longest = max(len(t) for t in self.item_token_ids[1:])
-        prompt = self.build_prompt(history, reserve_tokens=longest)
-        found = generation.constrained_beam_search(
-            self.llm, prompt, self.item_trie(), self.num_beams, shared=self.shared_prefix()
-        )
-        seen = {i for i in history if i}
-        found = [(item, score) for item, score in found if item not in seen]
-        if self.popularity_prior:
-            found = [(i, s + self.popularity_prior * float(torch.log1p(self.item_counts[i].float()))) for i, s in found]
-            found.sort(key=lambda kv: (-kv[1], kv[0]))
-        return found
+        prompts = [self.build_prompt(h, reserve_tokens=longest) for h in histories]
+        found = []
+        step = self.generation_users_per_batch
+        for start in range(0, len(prompts), step):
+            found.extend(
+                generation.batched_constrained_beam_search(
+                    self.llm,
+                    prompts[start : start + step],
+                    self.item_trie(),
+                    self.num_beams,
+                    self.tokenizer.pad_token_id,
+                )
+            )
+        results = []
+        for history, pairs in zip(histories, found):
+            seen = {i for i in history if i}
+            pairs = [(item, score) for item, score in pairs if item not in seen]
+            if self.popularity_prior:
+                prior = self.popularity_prior * torch.log1p(self.item_counts.float())
+                pairs = sorted(((i, s + float(prior[i])) for i, s in pairs), key=lambda kv: (-kv[1], kv[0]))
+            results.append(pairs)
+        return results
 
     def score_candidates(self, history: list[int], candidate_ids: list[int], user_key: int = 0) -> torch.Tensor:
         """LLM scores of ``candidate_ids`` for one user's history. [K], higher is better."""
@@ -457,7 +474,7 @@ class LLMGen(SequentialRecommender):
                 "free generation: %d of %d generations were exact catalogue texts", stats["exact"], stats["generations"]
             )
             return grounded.to(self.device)
-        found = [self.generate_items(item_seq[b, : item_seq_len[b]].tolist()) for b in range(len(item_seq))]
+        found = self.generate_items_batch([item_seq[b, : item_seq_len[b]].tolist() for b in range(len(item_seq))])
         width = max(1, max(len(f) for f in found))
         candidate_ids = torch.zeros(len(found), width, dtype=torch.long)
         llm_scores = torch.full((len(found), width), -math.inf)

@@ -163,3 +163,24 @@ def test_item_tokens_are_the_tokens_they_get_after_the_prompt(tokenizer):
         text = f"{row[1]} ({row[2]})" if row[2] else row[1]
         alone = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer(prompt + text, add_special_tokens=False)["input_ids"] == prompt_ids + alone, text
+
+
+@SLOW
+@given(CATALOGUE, st.integers(min_value=1, max_value=4))
+def test_batched_users_equal_one_user_at_a_time(tiny_llm, texts, num_beams):
+    from recbole_llmgen.generation import batched_constrained_beam_search
+
+    model, tokenizer = tiny_llm
+    prompts = [
+        tokenizer(f"<|im_start|>user\n{h}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        for h in ("Heat", "A much longer history: Alien, Aliens, Heat, Ronin", "Up")
+    ]
+    items = list(range(1, len(texts) + 1))
+    trie = ItemTrie(texts, items)
+    batched = batched_constrained_beam_search(model, prompts, trie, num_beams, tokenizer.pad_token_id)
+    for prompt, got in zip(prompts, batched):
+        alone = constrained_beam_search(model, prompt, trie, num_beams)
+        assert [i for i, _ in got] == [i for i, _ in alone] or all(
+            math.isclose(a, b, abs_tol=1e-4) for (_, a), (_, b) in zip(got, alone)
+        )
+        assert all(math.isclose(dict(alone)[i], s, abs_tol=1e-4) for i, s in got)
