@@ -47,18 +47,24 @@ def read_movielens(inputs: list[str], problems: Problems):
     )
 
 
-def _ratings(path: Path, separator: str, encoding: str, problems: Problems, header: bool = False) -> pd.DataFrame:
-    rows = []
+def _split_rows(path: Path, separator: str, encoding: str, columns: int, problems: Problems, header: bool = False):
+    """(line number, fields) of the non-empty lines with exactly ``columns`` fields; others reported."""
     lines = read_lines(path, encoding, problems)
     if header:
         next(lines, None)
     for number, line in lines:
         if not line.strip():
             continue
-        parts = list(csv.reader([line]))[0] if separator == "," else line.split(separator)
-        if len(parts) != 4:
-            problems.add("wrong column count", path, number, f"{len(parts)} columns, expected 4")
+        parts = next(csv.reader([line])) if separator == "," else line.split(separator)
+        if len(parts) != columns:
+            problems.add("wrong column count", path, number, f"{len(parts)} columns, expected {columns}")
             continue
+        yield number, parts
+
+
+def _ratings(path: Path, separator: str, encoding: str, problems: Problems, header: bool = False) -> pd.DataFrame:
+    rows = []
+    for number, parts in _split_rows(path, separator, encoding, 4, problems, header):
         user, item, rating, timestamp = (p.strip() for p in parts)
         rating = parse_number(rating, float, problems, path, number, "rating")
         timestamp = parse_number(timestamp, float, problems, path, number, "timestamp") if rating is not None else None
@@ -80,14 +86,7 @@ def _read_100k(files, problems):
     inter = _ratings(files["u.data"], "\t", "utf-8", problems)
     rows = []
     if "u.item" in files:
-        path = files["u.item"]
-        for number, line in read_lines(path, "latin-1", problems):
-            if not line.strip():
-                continue
-            parts = line.split("|")
-            if len(parts) != 5 + len(ML100K_GENRES):
-                problems.add("wrong column count", path, number, f"{len(parts)} columns, expected 24")
-                continue
+        for _, parts in _split_rows(files["u.item"], "|", "latin-1", 5 + len(ML100K_GENRES), problems):
             genres = [g for g, flag in zip(ML100K_GENRES, parts[5:]) if flag.strip() == "1"]
             rows.append((parts[0].strip(), parts[1], genres))
     return inter, _items(rows) if rows else None, ITEM_TYPES
@@ -97,14 +96,7 @@ def _read_1m(files, problems):
     inter = _ratings(files["ratings.dat"], "::", "latin-1", problems)
     rows = []
     if "movies.dat" in files:
-        path = files["movies.dat"]
-        for number, line in read_lines(path, "latin-1", problems):
-            if not line.strip():
-                continue
-            parts = line.split("::")
-            if len(parts) != 3:
-                problems.add("wrong column count", path, number, f"{len(parts)} columns, expected 3")
-                continue
+        for _, parts in _split_rows(files["movies.dat"], "::", "latin-1", 3, problems):
             rows.append((parts[0].strip(), parts[1], parts[2].split("|")))
     return inter, _items(rows) if rows else None, ITEM_TYPES
 
@@ -113,16 +105,7 @@ def _read_latest(files, problems):
     inter = _ratings(files["ratings.csv"], ",", "utf-8", problems, header=True)
     rows = []
     if "movies.csv" in files:
-        path = files["movies.csv"]
-        lines = read_lines(path, "utf-8", problems)
-        next(lines, None)
-        for number, line in lines:
-            if not line.strip():
-                continue
-            parts = list(csv.reader([line]))[0]
-            if len(parts) != 3:
-                problems.add("wrong column count", path, number, f"{len(parts)} columns, expected 3")
-                continue
+        for _, parts in _split_rows(files["movies.csv"], ",", "utf-8", 3, problems, header=True):
             genres = [] if parts[2] == "(no genres listed)" else parts[2].split("|")
             rows.append((parts[0].strip(), parts[1], genres))
     return inter, _items(rows) if rows else None, ITEM_TYPES
