@@ -13,8 +13,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from recbole_llmgen.scoring import SharedPrefix, encode_prefix
-
 
 class ItemTrie:
     """Prefix tree over item token sequences.
@@ -59,63 +57,25 @@ class ItemTrie:
         return [] if node is None else list(self.items[node])
 
 
-@torch.no_grad()
-def constrained_beam_search(
-    model,
-    prompt_ids: Sequence[int],
-    trie: ItemTrie,
-    num_beams: int,
-    shared: SharedPrefix | None = None,
-) -> list[tuple[int, float]]:
-    """Items reachable by a beam search over ``trie`` after the prompt, best first.
+def constrained_beam_search(model, prompt_ids: Sequence[int], trie: ItemTrie, num_beams: int) -> list[tuple[int, float]]:
+    """Items reachable by a beam search over ``trie`` after one prompt, best first.
 
-    The prompt runs once; its KV cache is replicated to the live beams and reordered by parent at
-    every step. Returns ``(item_id, mean token log-prob)`` for every item whose end a beam reached,
-    sorted by score (ties by item id). With ``num_beams`` >= the number of items every item is
-    reached, so the result is the exact ranking of the whole catalogue.
+    Returns ``(item_id, mean token log-prob)`` for every item whose end a beam reached, sorted by
+    score (ties by item id). With ``num_beams`` >= the number of items every item is reached, so the
+    result is the exact ranking of the whole catalogue. One user of
+    :func:`batched_constrained_beam_search` (no padding).
     """
-    if num_beams < 1:
-        raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")
-    cache, first = encode_prefix(model, prompt_ids, shared)
-    next_logprobs = first[None].cpu()  # [beams, V]
-    beams = [(0, 0.0, 0)]  # (trie node, summed log-prob, length)
-    finished: dict[int, float] = {}
-    while beams:
-        expansions = []
-        for b, (node, total, length) in enumerate(beams):
-            tokens = list(trie.children[node])
-            if not tokens:
-                continue
-            values = next_logprobs[b, tokens].tolist()
-            for token, value in zip(tokens, values):
-                expansions.append((total + value, b, token, trie.children[node][token], length + 1))
-        if not expansions:
-            break
-        expansions.sort(key=lambda e: (-e[0], e[1], e[2]))  # deterministic order on ties
-        live = []
-        for total, parent, token, child, length in expansions[:num_beams]:
-            for item in trie.items[child]:
-                finished[item] = total / length
-            if trie.children[child]:
-                live.append((child, total, length, parent, token))
-        if not live:
-            break
-        device = model.device
-        cache.batch_select_indices(torch.tensor([p for *_, p, _ in live], device=device))
-        inputs = torch.tensor([[t] for *_, t in live], device=device)
-        logits = model(input_ids=inputs, cache=cache, use_cache=True).logits[:, -1]
-        next_logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
-        beams = [(child, total, length) for child, total, length, _, _ in live]
-    return sorted(finished.items(), key=lambda kv: (-kv[1], kv[0]))
+    return batched_constrained_beam_search(model, [prompt_ids], trie, num_beams)[0]
 
 
 @torch.no_grad()
 def batched_constrained_beam_search(
     model, prompts: Sequence[Sequence[int]], trie: ItemTrie, num_beams: int, pad_token_id: int = 0
 ) -> list[list[tuple[int, float]]]:
-    """:func:`constrained_beam_search` for several users at once: same results, bigger matmuls.
+    """Catalogue-constrained beam search for several users at once, best items first per user.
 
-    Prompts are left-padded into one batch (2-D attention mask, explicit position ids); every step
+    Each prompt runs once; its KV cache rows are reordered by parent beam at every step. Beams
+    are ranked by summed log-prob, finished items by mean log-prob. Prompts are left-padded into one batch (2-D attention mask, explicit position ids); every step
     feeds the live beams of all users together, each row attending to its own user's prompt only.
     """
     if num_beams < 1:
