@@ -18,14 +18,14 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_llmgen import candidates as cand
-from recbole_llmgen import generation, scoring, text
+from recbole_llmgen import finetune, generation, scoring, text
 from recbole_llmgen.llm import load_llm
 
 logger = logging.getLogger(__name__)
 
 SCORE_METHODS = ("likelihood", "verbalizer", "generate")
 CANDIDATE_SOURCES = ("pop", "text")
-TRAIN_MODES = ("none",)
+TRAIN_MODES = finetune.TRAIN_MODES
 GENERATION_CONSTRAINTS = ("trie", "none")
 
 
@@ -138,6 +138,12 @@ class LLMGen(SequentialRecommender):
             raise ValueError(f"prompt_template: must contain '{{history}}', got {self.prompt_template!r}")
         self.system_prompt = config["system_prompt"]
         self.seed = int(config["seed"] or 0)
+        self.lora = self._lora_settings(config) if self.train_mode == "lora" else None
+        self.llm_train_batch_size = positive_int(config, "llm_train_batch_size")
+        per_user = config["llm_train_examples_per_user"]
+        if per_user is not None and (not isinstance(per_user, int) or isinstance(per_user, bool) or per_user < 1):
+            raise ValueError(f"llm_train_examples_per_user: expected an integer >= 1 or ~ (all), got {per_user!r}")
+        self.llm_train_examples_per_user = per_user
 
         # --- item texts ---
         self.item_texts = self._item_texts(config, dataset)  # index = inner item id
@@ -151,6 +157,11 @@ class LLMGen(SequentialRecommender):
             trust_remote_code=bool(config["trust_remote_code"]),
         )
         object.__setattr__(self, "llm", llm)
+        self.base_fingerprint = finetune.fingerprint(llm, config["llm_path"])
+        peft_model = finetune.make_trainable(llm, self.train_mode, self.lora, bool(config["gradient_checkpointing"]))
+        object.__setattr__(self, "peft_model", peft_model)  # for save_pretrained exports; not a submodule
+        self.llm_trainable = torch.nn.ParameterDict(finetune.trainable_parameters(llm))
+        self.items_fingerprint = finetune.items_fingerprint(config["dataset"], dataset.field2id_token[self.ITEM_ID])
         self.tokenizer = tokenizer
         use_chat = config["use_chat_template"]
         has_template = getattr(tokenizer, "chat_template", None) is not None
@@ -171,6 +182,52 @@ class LLMGen(SequentialRecommender):
         self.item_counts = cand.item_counts(dataset.inter_feat[self.ITEM_ID], self.n_items)
         self._item_embeddings = None
         self.text_encoder_path = config["text_encoder_path"]
+
+    @staticmethod
+    def _lora_settings(config) -> dict:
+        dropout = float(config["lora_dropout"])
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected a number in [0, 1), got {config['lora_dropout']!r}")
+        targets = config["lora_target_modules"]
+        if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+            raise ValueError(f"lora_target_modules: expected 'all-linear' or a list of layer names, got {targets!r}")
+        return {
+            "r": positive_int(config, "lora_r"),
+            "alpha": float(config["lora_alpha"]),
+            "dropout": dropout,
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+        }
+
+    # ------------------------------------------------------------------ training state
+    def identity(self) -> dict:
+        """What a checkpoint must match to be loaded into this model."""
+        return {
+            "format": finetune.CHECKPOINT_FORMAT,
+            "base_model": self.base_fingerprint,
+            "items": self.items_fingerprint,
+            "train_mode": self.train_mode,
+            "lora": self.lora,
+        }
+
+    def get_extra_state(self) -> dict:
+        return self.identity()
+
+    def set_extra_state(self, state) -> None:
+        finetune.check_checkpoint(state, self.identity())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Check the identity card first (a named error, before any weight is touched), then load."""
+        finetune.check_checkpoint(state_dict.get("_extra_state"), self.identity())
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._shared_prefix = None  # cached KV of the old weights
+        return result
+
+    def train(self, mode: bool = True):
+        """Also switches the LLM (outside the module tree) between train and eval mode."""
+        super().train(mode)
+        self.llm.train(mode and self.train_mode != "none")
+        self._shared_prefix = None  # weights may change while training: recompute after
+        return self
 
     # ------------------------------------------------------------------ item texts and prompts
     def _item_texts(self, config, dataset) -> list[str]:
@@ -381,11 +438,43 @@ class LLMGen(SequentialRecommender):
     def forward(self, item_seq, item_seq_len):
         raise NotImplementedError("LLMGen scores through predict/full_sort_predict")
 
-    def calculate_loss(self, interaction):
-        raise RuntimeError(
-            "train_mode: none is zero-shot: LLMGen has nothing to train. LLMGenTrainer skips "
-            "training; use it (RecBole picks it by name) instead of a plain Trainer."
-        )
+    def calculate_loss(self, interaction) -> torch.Tensor:
+        """Mean training loss of the batch's (history, target) rows; see :mod:`finetune`."""
+        if self.train_mode == "none":
+            raise RuntimeError(
+                "train_mode: none is zero-shot: LLMGen has nothing to train. LLMGenTrainer skips "
+                "training; use it (RecBole picks it by name) instead of a plain Trainer, or set "
+                "train_mode: lora | full."
+            )
+        item_seq = interaction[self.ITEM_SEQ].cpu()
+        item_seq_len = interaction[self.ITEM_SEQ_LEN].cpu()
+        targets = interaction[self.ITEM_ID].cpu().tolist()
+        histories = [item_seq[b, : item_seq_len[b]].tolist() for b in range(len(targets))]
+        pad = self.tokenizer.pad_token_id
+        if self.score_method == "verbalizer":
+            shown, positions = self.training_candidates(item_seq, item_seq_len, targets)
+            prompts = [self.build_prompt(h, s) for h, s in zip(histories, shown)]
+            losses = finetune.label_cross_entropy(self.llm, prompts, self.label_token_ids, positions, pad)
+        else:
+            target_tokens = [self.item_token_ids[t] for t in targets]
+            prompts = [self.build_prompt(h, reserve_tokens=len(t)) for h, t in zip(histories, target_tokens)]
+            losses = finetune.target_token_nll(self.llm, prompts, target_tokens, pad)
+        return losses.mean()
+
+    def training_candidates(self, item_seq, item_seq_len, targets: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Verbalizer training lists: ``num_candidates - 1`` retrieved items (never the target or
+        the history) with the target at a random position. Returns (lists, target positions)."""
+        retrieval = self.retrieval_scores(item_seq, item_seq_len)
+        rows = torch.arange(len(targets))
+        retrieval[rows, torch.tensor(targets)] = -math.inf
+        others = cand.top_candidates(retrieval, self.num_candidates - 1)
+        shown, positions = [], []
+        for b, target in enumerate(targets):
+            items = [i for i in others[b].tolist() if retrieval[b, i] > -math.inf]
+            position = int(torch.randint(len(items) + 1, (1,)))
+            shown.append(items[:position] + [target] + items[position:])
+            positions.append(position)
+        return shown, positions
 
     def predict(self, interaction) -> torch.Tensor:
         """Scores of (user, item) rows; rows sharing a history share one prompt. [N]"""
@@ -494,9 +583,9 @@ class LLMGen(SequentialRecommender):
         return int(2 * n_params * (prompt_tokens + scored))
 
     def __str__(self) -> str:
-        n_params = sum(p.numel() for p in self.llm.parameters())
+        n_frozen = sum(p.numel() for p in self.llm.parameters() if not p.requires_grad)
         return (
-            f"LLMGen(llm={type(self.llm).__name__} with {n_params / 1e6:.1f}M frozen parameters, "
+            f"LLMGen(llm={type(self.llm).__name__} with {n_frozen / 1e6:.1f}M frozen parameters, "
             f"score_method={self.score_method}, candidate_source={self.candidate_source}, "
             f"num_candidates={self.num_candidates}, max_history_items={self.max_history_items}, "
             f"chat_template={self.use_chat}, train_mode={self.train_mode})\nTrainable parameters: "

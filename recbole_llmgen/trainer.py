@@ -1,4 +1,5 @@
-"""LLMGenTrainer: RecBole's Trainer, aware that a zero-shot LLM has nothing to train."""
+"""LLMGenTrainer: RecBole's Trainer, aware that a zero-shot LLM has nothing to train and that a
+fine-tuned one trains in small micro-batches."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import tempfile
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
+from torch.nn.utils.clip_grad import clip_grad_norm_
+from tqdm import tqdm
+
+from recbole_llmgen import finetune
 
 
 class LLMGenTrainer(Trainer):
@@ -19,6 +24,11 @@ class LLMGenTrainer(Trainer):
     * The optimizer is built only from parameters that require grad (none when zero-shot).
     * ``predict`` receives whole users: LLMGen groups rows by user and batches internally, and a
       listwise scorer (verbalizer) needs all of a user's candidates in one call.
+    * ``train_mode: lora | full``: RecBole's ``fit`` (validation every ``eval_step`` epochs,
+      early stopping on ``valid_metric``, best checkpoint) over each user's most recent
+      ``llm_train_examples_per_user`` examples. Each RecBole batch (``train_batch_size`` rows) is
+      one optimizer step, accumulated over micro-batches of ``llm_train_batch_size`` rows; bf16
+      autocast on CUDA. ``checkpoint: PATH`` resumes training from a saved checkpoint.
     """
 
     def __init__(self, config, model):
@@ -40,6 +50,18 @@ class LLMGenTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if not self.zero_shot:
+            train_data = finetune.bounded_train_loader(train_data, self.model.llm_train_examples_per_user)
+            if verbose:
+                self.logger.info(
+                    set_color(f"train_mode: {self.model.train_mode}", "green")
+                    + f": {len(train_data._dataset)} training examples per epoch, "
+                    + f"{sum(p.numel() for p in self._trainable_parameters())} trainable parameters"
+                )
+            resume = self.config["checkpoint"]
+            if resume:
+                if not os.path.isfile(resume):
+                    raise FileNotFoundError(f"checkpoint: {resume!r} does not exist (a checkpoint to resume from)")
+                self.resume_checkpoint(resume)
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         self.eval_collector.data_collect(train_data)
         if verbose:
@@ -51,6 +73,34 @@ class LLMGenTrainer(Trainer):
         if saved:
             self._save_checkpoint(-1, verbose=verbose)
         return self.best_valid_score, self.best_valid_result
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        """One optimizer step per RecBole batch, gradients accumulated over micro-batches."""
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        micro = self.model.llm_train_batch_size
+        autocast = self.device.type == "cuda"  # bf16 compute; LoRA weights stay fp32
+        total = 0.0
+        iter_data = train_data
+        if show_progress:
+            iter_data = tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+        for interaction in iter_data:
+            interaction = interaction.to(self.device)
+            self.optimizer.zero_grad()
+            rows = len(interaction)
+            batch_loss = 0.0
+            for start in range(0, rows, micro):
+                part = interaction[torch.arange(start, min(start + micro, rows))]
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_func(part) * (len(part) / rows)
+                self._check_nan(loss)
+                loss.backward()
+                batch_loss += loss.item()
+            if self.clip_grad_norm:
+                clip_grad_norm_(self._trainable_parameters(), **self.clip_grad_norm)
+            self.optimizer.step()
+            total += batch_loss
+        return total
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         """Config + trainable state only, written to a temporary file and renamed into place."""

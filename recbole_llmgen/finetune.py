@@ -1,0 +1,182 @@
+"""Fine-tuning pieces of LLMGen: making the LLM trainable (LoRA or full), the training losses,
+the bound on training examples per user, and the checkpoint's identity card.
+
+The losses train exactly what is scored:
+
+* ``likelihood`` / ``generate``: causal-LM loss on the target item's tokens (the same
+  ``item_token_ids`` the scorer and the beam search use) after the user's prompt; prompt tokens
+  carry no loss. Per example, the mean negative log-probability of the target's tokens, i.e. minus
+  the likelihood score; averaged over the batch.
+* ``verbalizer``: cross-entropy of the target's label among ``num_candidates`` listed candidates
+  (retrieved from ``candidate_source``, target inserted at a random position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TRAIN_MODES = ("none", "lora", "full")
+CHECKPOINT_FORMAT = 1
+
+
+def make_trainable(llm, train_mode: str, lora: dict, gradient_checkpointing: bool):
+    """Unfreeze the LLM for ``train_mode`` in place; returns the peft wrapper (LoRA) or None.
+
+    LoRA layers are injected into ``llm`` itself (peft modifies the model in place), so every
+    scoring path keeps calling ``llm`` and sees the adapters.
+    """
+    peft_model = None
+    if train_mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            peft_model = get_peft_model(llm, config)
+        except ValueError as error:
+            names = sorted({name.split(".")[-1] for name, m in llm.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ValueError(
+                f"lora_target_modules: {lora['target_modules']!r} does not match this model's layers "
+                f"({error}); linear layer names in it: {names}, or 'all-linear'"
+            ) from error
+    elif train_mode == "full":
+        llm.requires_grad_(True)
+    if gradient_checkpointing and train_mode != "none":
+        # non-reentrant: works with frozen inputs (LoRA) and under DistributedDataParallel
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm.config.use_cache = False
+    return peft_model
+
+
+def parameter_key(name: str) -> str:
+    """A parameter name usable as a ParameterDict key (no dots)."""
+    return name.replace(".", "-")
+
+
+def trainable_parameters(llm) -> dict[str, torch.nn.Parameter]:
+    return {parameter_key(name): p for name, p in llm.named_parameters() if p.requires_grad}
+
+
+def recent_rows(users: np.ndarray, per_user: int) -> np.ndarray:
+    """Indices of each user's last ``per_user`` rows (rows are in time order within a user)."""
+    order = np.argsort(users, kind="stable")
+    sorted_users = users[order]
+    starts = np.r_[0, np.flatnonzero(sorted_users[1:] != sorted_users[:-1]) + 1]
+    ends = np.r_[starts[1:], len(users)]
+    keep = [order[max(s, e - per_user) : e] for s, e in zip(starts, ends)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def bounded_train_loader(train_data, per_user: int | None):
+    """RecBole's training loader limited to each user's most recent ``per_user`` examples.
+
+    Sequential augmentation yields one example per history prefix (~99k on ml-100k); on a CPU
+    the most recent few per user are what fits. Returns the loader unchanged when no bound applies.
+    """
+    from recbole.data.dataloader import TrainDataLoader
+
+    dataset = train_data._dataset
+    if not per_user or dataset.uid_field is None:
+        return train_data
+    users = dataset.inter_feat[dataset.uid_field].numpy()
+    keep = recent_rows(users, per_user)
+    if len(keep) == len(users):
+        return train_data
+    subset = dataset.copy(dataset.inter_feat[torch.from_numpy(keep)])
+    return TrainDataLoader(train_data.config, subset, train_data._sampler, shuffle=train_data.shuffle)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Left-padded ``input_ids``, ``attention_mask`` and ``position_ids`` [B, T]: every sequence
+    ends at the last column, so the tokens to score sit at the same columns for every row."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(list(seq))
+        mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def target_token_nll(llm, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int):
+    """Mean negative log-probability of each target's tokens after its prompt. [B]
+
+    Only the target tokens are scored: the prompt is context, never a label.
+    """
+    device = llm.device
+    ids, mask, positions = left_pad([list(p) + list(t) for p, t in zip(prompts, targets)], pad_id, device)
+    longest = max(len(t) for t in targets)
+    # logits of the last `longest + 1` positions; position j predicts token j + 1
+    logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=longest + 1).logits
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, longest, V]
+    losses = []
+    for row, target in enumerate(targets):
+        picked = logprobs[row, longest - len(target) :].gather(1, torch.tensor(target, device=device)[:, None])
+        losses.append(-picked.mean())
+    return torch.stack(losses)
+
+
+def label_cross_entropy(llm, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], targets: Sequence[int], pad_id):
+    """Cross-entropy of the target label among the shown candidates' labels, per example. [B]"""
+    ids, mask, positions = left_pad(prompts, pad_id, llm.device)
+    logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+    label_logits = logits[:, list(label_ids)].float()  # [B, K]
+    return F.cross_entropy(label_logits, torch.tensor(list(targets), device=llm.device), reduction="none")
+
+
+def fingerprint(llm, llm_path: str) -> dict:
+    """What identifies the base model: its path, class, sizes and a hash of some of its weights."""
+    embedding = llm.get_input_embeddings().weight
+    sample = embedding.detach()[: min(64, embedding.shape[0])].float().cpu().numpy().tobytes()
+    return {
+        "llm_path": str(llm_path),
+        "architecture": type(llm).__name__,
+        "vocab_size": int(embedding.shape[0]),
+        "parameters": int(sum(p.numel() for name, p in llm.named_parameters() if "lora_" not in name)),
+        "weights_sha1": hashlib.sha1(sample).hexdigest(),
+    }
+
+
+def items_fingerprint(dataset_name: str, item_tokens: Sequence[str]) -> dict:
+    joined = "\n".join(str(t) for t in item_tokens)
+    return {"dataset": dataset_name, "n_items": len(item_tokens), "items_sha1": hashlib.sha1(joined.encode()).hexdigest()}
+
+
+def check_checkpoint(saved: dict | None, current: dict) -> None:
+    """Refuse a checkpoint made for another base model, dataset/item mapping or training setup."""
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            "model_file: not an LLMGen checkpoint of this version (no LLMGen metadata in its state_dict); "
+            "retrain, or load it with the recbole-llmgen version that wrote it"
+        )
+    base, here = saved["base_model"], current["base_model"]
+    if base != here:
+        differ = [k for k in here if base.get(k) != here[k]]
+        raise ValueError(
+            f"model_file: trained on base model {base['llm_path']!r} ({base['architecture']}, "
+            f"{base['parameters']} parameters), but this model loads {here['llm_path']!r} "
+            f"({here['architecture']}, {here['parameters']} parameters); they differ in {differ}. "
+            f"Set llm_path: {base['llm_path']} to use this checkpoint"
+        )
+    items, here_items = saved["items"], current["items"]
+    if items != here_items:
+        raise ValueError(
+            f"model_file: trained on dataset {items['dataset']!r} with {items['n_items']} item ids, but this "
+            f"model has dataset {here_items['dataset']!r} with {here_items['n_items']} item ids"
+            + (" (same name, other item mapping: different filtering or files)" if items["dataset"] == here_items["dataset"] else "")
+        )
+    for key in ("train_mode", "lora"):
+        if saved[key] != current[key]:
+            raise ValueError(f"model_file: saved with {key}={saved[key]!r}, but this model has {key}={current[key]!r}")
