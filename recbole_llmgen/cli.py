@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 import yaml
+
+from recbole_llmgen.benchmark import DEFAULT_MODELS, PROTOCOLS
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -57,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--model", "-m", default="LLMGen")
     rec.add_argument("--config_files", nargs="+", default=None)
     rec.add_argument("--json", default=None, metavar="PATH", help="write the rows as a JSON list")
+
+    bench = sub.add_parser(
+        "benchmark",
+        help="LLMGen beside Pop, BPR, SASRec... on one split: benchmark.csv, .md and .png",
+        epilog="Any --key=value is a config override for every model (e.g. --train_mode=lora for LLMGen).",
+    )
+    bench.add_argument("--dataset", "-d", default="ml-100k")
+    bench.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
+    bench.add_argument("--protocol", default="full", choices=list(PROTOCOLS), help="full ranking or LLMRank's uni19")
+    bench.add_argument("--config_files", nargs="+", default=None, help="yaml config files (every model)")
+    bench.add_argument("--out", default=None, help="output folder (default: results/benchmark-DATASET-PROTOCOL)")
 
     conv = sub.add_parser("convert", help="raw MovieLens / Amazon / CSV dumps to RecBole atomic files with item text")
     conv.add_argument("format", choices=["movielens", "amazon", "csv"])
@@ -147,6 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(rest)
     if args.command == "recommend":
         return _recommend(args, overrides)
+    if args.command == "benchmark":
+        from recbole_llmgen.benchmark import run_benchmark
+
+        out = args.out or f"results/benchmark-{args.dataset}-{args.protocol}"
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        start = time.perf_counter()
+        rows = run_benchmark(args.dataset, models, args.protocol, args.config_files, overrides, out)
+        print(open(os.path.join(out, "benchmark.md"), encoding="utf-8").read())
+        print(f"wrote {out}/benchmark.csv, benchmark.md, benchmark.png in {time.perf_counter() - start:.0f} s")
+        return 0 if all(r.get("status") == "ok" for r in rows) else 1
     if args.command == "run":
         from recbole_llmgen.quick_start import recbole_argv, run_recbole
 

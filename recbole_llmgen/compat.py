@@ -132,9 +132,8 @@ def patch_checkpoint_loading() -> None:
 
 def undo_global_anomaly_detection() -> None:
     """Import RecBole's sequential models (SINE's import enables anomaly mode) and disable it."""
-    import torch
-
     import recbole.model.sequential_recommender  # noqa: F401
+    import torch
 
     torch.autograd.set_detect_anomaly(False)
 

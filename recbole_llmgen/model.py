@@ -18,13 +18,13 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_llmgen import candidates as cand
-from recbole_llmgen import finetune, generation, scoring, text
+from recbole_llmgen import finetune, generation, scoring, text, two_stage
 from recbole_llmgen.llm import load_llm
 
 logger = logging.getLogger(__name__)
 
 SCORE_METHODS = ("likelihood", "verbalizer", "generate")
-CANDIDATE_SOURCES = ("pop", "text")
+CANDIDATE_SOURCES = two_stage.BUILT_IN_SOURCES  # or a RecBole model file / model name
 TRAIN_MODES = finetune.TRAIN_MODES
 GENERATION_CONSTRAINTS = ("trie", "none")
 
@@ -116,7 +116,8 @@ class LLMGen(SequentialRecommender):
         super().__init__(config, dataset)
         # --- config, read once ---
         self.score_method = choice(config, "score_method", SCORE_METHODS)
-        self.candidate_source = choice(config, "candidate_source", CANDIDATE_SOURCES)
+        self.candidate_source = config["candidate_source"]
+        self.candidate_kind = two_stage.validate_source(self.candidate_source)
         self.train_mode = choice(config, "train_mode", TRAIN_MODES)
         self.num_candidates = positive_int(config, "num_candidates")
         if self.num_candidates > self.n_items - 1:
@@ -180,6 +181,14 @@ class LLMGen(SequentialRecommender):
 
         # --- candidates ---
         self.item_counts = cand.item_counts(dataset.inter_feat[self.ITEM_ID], self.n_items)
+        # a classic RecBole model's checkpoint proposes candidates; saved with LLMGen's checkpoint
+        self.other_parameter_name = ["candidate_model_file"]
+        self.candidate_model_file = self.candidate_source if self.candidate_kind == "file" else None
+        self._candidate_dataset = dataset
+        self._candidate_config = config
+        self._candidate_model = None
+        if self.candidate_model_file:
+            self.candidate_model()  # a mismatched file fails now, before any evaluation
         self._item_embeddings = None
         self.text_encoder_path = config["text_encoder_path"]
 
@@ -419,11 +428,34 @@ class LLMGen(SequentialRecommender):
         return scores
 
     # ------------------------------------------------------------------ candidates
-    def retrieval_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        """Retriever scores for every item; padding and history items at -inf. [B, n_items]"""
+    def candidate_model(self):
+        """The RecBole model proposing candidates (``candidate_source`` a model file or name)."""
+        if self._candidate_model is None:
+            if not self.candidate_model_file:
+                raise ValueError(
+                    f"candidate_source: {self.candidate_source!r} is trained by LLMGenTrainer.fit before "
+                    "LLMGen runs; run fit first (RecBole's run_recbole does) or give a saved model file"
+                )
+            model = two_stage.load_candidate_model(self.candidate_model_file, self._candidate_config, self._candidate_dataset)
+            object.__setattr__(self, "_candidate_model", model.to(self.device))  # never trained or saved with LLMGen
+        return self._candidate_model
+
+    def load_other_parameter(self, para) -> None:
+        super().load_other_parameter(para)
+        self._candidate_model = None  # a checkpoint may name another candidate model file
+
+    def retrieval_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, interaction=None) -> torch.Tensor:
+        """Retriever scores for every item; padding and history items at -inf. [B, n_items]
+
+        ``interaction`` (the batch) is needed when a RecBole model proposes the candidates.
+        """
         histories = [row[:n].tolist() for row, n in zip(item_seq.cpu(), item_seq_len.cpu().tolist())]
         if self.candidate_source == "pop":
             scores = cand.popularity_scores(self.item_counts, len(histories))
+        elif self.candidate_kind != "builtin":
+            if interaction is None:
+                raise ValueError(f"retrieval_scores: candidate_source {self.candidate_source!r} needs the batch")
+            scores = two_stage.candidate_scores(self.candidate_model(), interaction, self.device)
         else:
             windows = [h[-self.max_history_items :] for h in histories]
             scores = cand.text_scores(self.item_embeddings(), windows)
@@ -452,7 +484,7 @@ class LLMGen(SequentialRecommender):
         histories = [item_seq[b, : item_seq_len[b]].tolist() for b in range(len(targets))]
         pad = self.tokenizer.pad_token_id
         if self.score_method == "verbalizer":
-            shown, positions = self.training_candidates(item_seq, item_seq_len, targets)
+            shown, positions = self.training_candidates(item_seq, item_seq_len, targets, interaction)
             prompts = [self.build_prompt(h, s) for h, s in zip(histories, shown)]
             losses = finetune.label_cross_entropy(self.llm, prompts, self.label_token_ids, positions, pad)
         else:
@@ -461,10 +493,12 @@ class LLMGen(SequentialRecommender):
             losses = finetune.target_token_nll(self.llm, prompts, target_tokens, pad)
         return losses.mean()
 
-    def training_candidates(self, item_seq, item_seq_len, targets: list[int]) -> tuple[list[list[int]], list[int]]:
+    def training_candidates(
+        self, item_seq, item_seq_len, targets: list[int], interaction=None
+    ) -> tuple[list[list[int]], list[int]]:
         """Verbalizer training lists: ``num_candidates - 1`` retrieved items (never the target or
         the history) with the target at a random position. Returns (lists, target positions)."""
-        retrieval = self.retrieval_scores(item_seq, item_seq_len)
+        retrieval = self.retrieval_scores(item_seq, item_seq_len, interaction)
         rows = torch.arange(len(targets))
         retrieval[rows, torch.tensor(targets)] = -math.inf
         others = cand.top_candidates(retrieval, self.num_candidates - 1)
@@ -501,7 +535,7 @@ class LLMGen(SequentialRecommender):
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         users = interaction[self.USER_ID].cpu() if self.USER_ID in interaction.interaction else None
-        retrieval = self.retrieval_scores(item_seq, item_seq_len)  # [B, n_items]
+        retrieval = self.retrieval_scores(item_seq, item_seq_len, interaction)  # [B, n_items]
         if self.score_method == "generate":
             return self._generate_full_sort(item_seq, item_seq_len, retrieval)
         candidate_ids = cand.top_candidates(retrieval, self.num_candidates)  # [B, K]

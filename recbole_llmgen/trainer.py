@@ -12,7 +12,7 @@ from recbole.utils import set_color
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_llmgen import finetune
+from recbole_llmgen import finetune, two_stage
 
 
 class LLMGenTrainer(Trainer):
@@ -49,6 +49,11 @@ class LLMGenTrainer(Trainer):
         return getattr(self.model, "train_mode", "none") == "none"
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if self.model.candidate_kind == "model" and not self.model.candidate_model_file:
+            name = self.model.candidate_source
+            if verbose:
+                self.logger.info(set_color(f"candidate_source: {name}", "green") + ": training it first")
+            self.model.candidate_model_file = two_stage.train_candidate_model(name, self.config, show_progress)
         if not self.zero_shot:
             train_data = finetune.bounded_train_loader(train_data, self.model.llm_train_examples_per_user)
             if verbose:

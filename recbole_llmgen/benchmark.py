@@ -1,0 +1,318 @@
+"""``recbole-llmgen benchmark``: LLMGen beside RecBole's classic models, one split, one evaluator.
+
+Every model runs through RecBole (its Config, data preparation, trainer and evaluator) on the same
+dataset, leave-one-out split in time order, seed and columns. Each model runs in its own process
+(a crash or an out-of-memory kill fails that row only, and its peak memory is its own); its
+result is kept in ``OUT/runs/<model>.json`` with a hash of everything that defines the run, so a
+rerun with the same OUT skips finished models. LLMGen reranks the candidates of the run's best
+classic model (by ``valid_metric``) unless ``candidate_source`` is given. Writes
+``OUT/benchmark.csv``, ``OUT/benchmark.md`` and ``OUT/benchmark.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+
+DEFAULT_MODELS = ("Pop", "BPR", "SASRec", "LLMGen")
+PROTOCOLS = ("full", "uni19", "uni100")
+# Laptop-sized defaults (the default run fits in ~15 minutes on 2 CPU cores); any --key=value wins.
+MODEL_DEFAULTS = {
+    "BPR": {"epochs": 40, "stopping_step": 5},
+    "SASRec": {"epochs": 20, "stopping_step": 3, "train_neg_sample_args": None},
+    "GRU4Rec": {"epochs": 20, "stopping_step": 3, "train_neg_sample_args": None},
+    "LLMGen": {"num_candidates": 10, "max_history_items": 5},
+}
+TABLE_METRICS = ("ndcg@10", "hit@10", "mrr@10", "recall@10")
+
+
+def split_args(protocol: str) -> dict:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: {protocol!r} is not allowed; choose one of {', '.join(PROTOCOLS)}")
+    return {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": protocol}
+
+
+def model_config(model: str, dataset: str, protocol: str, overrides: dict, out: str) -> dict:
+    """The config dict of one model: laptop defaults, then the user's overrides, then the shared
+    split and output folder (the same for every model, never overridden per model)."""
+    from recbole_llmgen.model import has_recbole_dataset_yaml
+
+    if model != "LLMGen":  # LLMGen's own keys mean nothing to other models: keep them out of their hash
+        from recbole_llmgen.two_stage import llmgen_only_keys
+
+        overrides = {k: v for k, v in overrides.items() if k not in llmgen_only_keys()}
+    config = {**MODEL_DEFAULTS.get(model, {}), **overrides}
+    config["eval_args"] = split_args(protocol)
+    config["checkpoint_dir"] = os.path.join(out, "saved")
+    config.setdefault("data_path", "datasets/")
+    if "load_col" not in overrides and not has_recbole_dataset_yaml(dataset):
+        config["load_col"] = None  # every model loads every column (timestamps for the split)
+    return config
+
+
+def run_hash(spec: dict) -> str:
+    """Everything that defines a run: model, dataset, config dict, config files' text, candidates."""
+    files = []
+    for path in spec.get("config_files") or []:
+        with open(path, encoding="utf-8") as f:
+            files.append(f.read())
+    candidate = spec["config"].get("candidate_source")
+    stamp = None
+    if isinstance(candidate, str) and os.path.isfile(candidate):
+        stat = os.stat(candidate)
+        stamp = [stat.st_size, int(stat.st_mtime)]
+    text = json.dumps([spec["model"], spec["dataset"], spec["config"], files, stamp], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _number(value):
+    return round(float(value), 4) if value is not None else None
+
+
+def run_one(spec: dict) -> dict:
+    """Train and evaluate one model in this process; returns its result row."""
+    import resource
+
+    import torch
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, get_trainer, init_seed
+
+    import recbole_llmgen  # noqa: F401
+    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.two_stage import build_config
+
+    with recbole_argv([]):
+        config = build_config(spec["model"], spec["dataset"], spec["config"], spec.get("config_files"))
+    init_seed(config["seed"], config["reproducibility"])
+    data = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, data)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    start = time.perf_counter()
+    best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    eval_seconds = time.perf_counter() - start
+    frozen = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad) if hasattr(model, "llm") else 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "model": spec["model"],
+        "status": "ok",
+        "candidate_source": config["candidate_source"] if spec["model"] == "LLMGen" else "",
+        "valid_metric": config["valid_metric"],
+        "best_valid_score": _number(best_valid_score),
+        **{f"valid_{k}": _number(v) for k, v in (best_valid or {}).items()},
+        **{f"test_{k}": _number(v) for k, v in test.items()},
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "trainable_parameters": int(trainable),
+        "total_parameters": int(trainable + frozen),
+        "model_file": trainer.saved_model_file if os.path.isfile(trainer.saved_model_file) else "",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_safely(spec: dict) -> dict:
+    """:func:`run_one`, with an exception turned into a failed row (the traceback is printed)."""
+    try:
+        return run_one(spec)
+    except Exception as error:  # noqa: BLE001 -- a failed model is a row of the table
+        traceback.print_exc()
+        return {"model": spec["model"], "status": "failed", "error": f"{type(error).__name__}: {error}"}
+
+
+def run_in_process(spec: dict, log_path: str) -> dict:
+    """Runner without a subprocess (tests, debugging): same rows, shared memory peak."""
+    return run_safely(spec)
+
+
+def _worker(spec_path: str, result_path: str) -> None:
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    row = run_safely(spec)
+    with open(result_path, "w", encoding="utf-8") as f:
+        json.dump(row, f)
+
+
+def run_in_subprocess(spec: dict, log_path: str) -> dict:
+    """Run one model in a fresh Python process; a crash becomes a failed row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        code = f"from recbole_llmgen.benchmark import _worker; _worker({spec_path!r}, {result_path!r})"
+        with open(log_path, "w", encoding="utf-8") as log:
+            process = subprocess.run([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, check=False)
+        if os.path.isfile(result_path):
+            with open(result_path, encoding="utf-8") as f:
+                return json.load(f)
+        return {"model": spec["model"], "status": "failed", "error": f"process exited with {process.returncode}; see {log_path}"}
+
+
+def best_classic(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if r["model"] != "LLMGen" and r.get("status") == "ok" and r.get("model_file")]
+    return max(done, key=lambda r: r.get("best_valid_score") or float("-inf")) if done else None
+
+
+def run_benchmark(
+    dataset: str = "ml-100k",
+    models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
+    protocol: str = "full",
+    config_files: list[str] | None = None,
+    overrides: dict | None = None,
+    out: str = "results/benchmark",
+    log: Callable[[str], None] = print,
+    runner: Callable[[dict, str], dict] = run_in_subprocess,
+) -> list[dict]:
+    """Run ``models`` on ``dataset`` (classic models first), write the three files, return the rows."""
+    from recbole_llmgen.registry import known_model_names
+
+    overrides = dict(overrides or {})
+    split_args(protocol)
+    known = known_model_names()
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise ValueError(f"models: {unknown} are not RecBole or plugin models; e.g. {', '.join(DEFAULT_MODELS)}")
+    for path in config_files or []:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config_files: {path!r} does not exist")
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    ordered = [m for m in models if m != "LLMGen"] + [m for m in models if m == "LLMGen"]
+    rows: list[dict] = []
+    for index, model in enumerate(ordered, 1):
+        config = model_config(model, dataset, protocol, overrides, out)
+        if model == "LLMGen" and "candidate_source" not in overrides:
+            best = best_classic(rows)
+            if best is not None:
+                config["candidate_source"] = best["model_file"]
+        spec = {"model": model, "dataset": dataset, "config": config, "config_files": config_files}
+        digest = run_hash(spec)
+        record = os.path.join(out, "runs", f"{model}.json")
+        previous = _read(record)
+        if previous and previous.get("hash") == digest and previous.get("status") == "ok":
+            log(f"[{index}/{len(ordered)}] {model}: finished before with the same config, reused")
+            rows.append(previous)
+            continue
+        log(f"[{index}/{len(ordered)}] {model}: running (log: {os.path.join(out, 'runs', model + '.log')})")
+        start = time.perf_counter()
+        row = runner(spec, os.path.join(out, "runs", f"{model}.log"))
+        row["hash"] = digest
+        row["wall_seconds"] = round(time.perf_counter() - start, 1)
+        _write_json(record, row)
+        rows.append(row)
+        if row.get("status") == "ok":
+            log(f"    test ndcg@10 {row.get('test_ndcg@10')}, hit@10 {row.get('test_hit@10')} ({row['wall_seconds']} s)")
+        else:
+            log(f"    FAILED: {row.get('error')}")
+    write_outputs(rows, out, {"dataset": dataset, "protocol": protocol, "overrides": overrides})
+    return rows
+
+
+def _read(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: str, value) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _label(row: dict) -> str:
+    if row["model"] != "LLMGen" or not row.get("candidate_source"):
+        return row["model"]
+    source = os.path.basename(str(row["candidate_source"])).split("-")[0]
+    return f"LLMGen (reranks {source})"
+
+
+def write_outputs(rows: list[dict], out: str, meta: dict) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "label", [_label(r) for r in rows])
+    frame.to_csv(os.path.join(out, "benchmark.csv"), index=False)
+    with open(os.path.join(out, "benchmark.md"), "w", encoding="utf-8") as f:
+        f.write(markdown_table(rows, meta))
+    plot(rows, os.path.join(out, "benchmark.png"), meta)
+
+
+def _cell(value, digits=4) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], meta: dict) -> str:
+    head = (
+        f"Dataset {meta['dataset']}, protocol {meta['protocol']} (leave-one-out, time order), "
+        f"RecBole evaluator. Valid = best validation epoch; test = that checkpoint.\n\n"
+        "| model | test NDCG@10 | test Hit@10 | test MRR@10 | valid NDCG@10 | valid Hit@10 | train s | test eval s "
+        "| peak MB | trainable / total params | status |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        ok = r.get("status") == "ok"
+        params = f"{r.get('trainable_parameters', 0):,} / {r.get('total_parameters', 0):,}" if ok else "-"
+        status = "ok" if ok else f"failed: {str(r.get('error', ''))[:120]}"
+        lines.append(
+            f"| {_label(r)} | {_cell(r.get('test_ndcg@10'))} | {_cell(r.get('test_hit@10'))} | "
+            f"{_cell(r.get('test_mrr@10'))} | {_cell(r.get('valid_ndcg@10'))} | {_cell(r.get('valid_hit@10'))} | "
+            f"{_cell(r.get('train_seconds'), 1)} | {_cell(r.get('eval_seconds'), 1)} | "
+            f"{_cell(r.get('peak_memory_mb'), 0)} | {params} | {status} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str, meta: dict) -> None:
+    """Quality (test NDCG@10, Hit@10) and cost (seconds, peak memory) side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [_label(r) for r in rows]
+    ok = [r.get("status") == "ok" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    positions = range(len(rows))
+    width = 0.4
+    for shift, metric in ((-width / 2, "test_ndcg@10"), (width / 2, "test_hit@10")):
+        values = [r.get(metric) or 0.0 for r in rows]
+        bars = axes[0].bar([p + shift for p in positions], values, width, label=metric.replace("test_", ""))
+        axes[0].bar_label(bars, fmt="%.3f", fontsize=7)
+    axes[0].set_title(f"Quality (test, {meta['protocol']})")
+    axes[0].legend()
+    seconds = [(r.get("train_seconds") or 0.0) + (r.get("eval_seconds") or 0.0) for r in rows]
+    bars = axes[1].bar(positions, seconds, color="tab:orange")
+    axes[1].bar_label(bars, fmt="%.0f s", fontsize=7)
+    axes[1].set_title("Cost: train + test seconds")
+    memory = [r.get("peak_memory_mb") or 0.0 for r in rows]
+    bars = axes[2].bar(positions, memory, color="tab:green")
+    axes[2].bar_label(bars, fmt="%.0f MB", fontsize=7)
+    axes[2].set_title("Cost: peak memory (MB)")
+    for ax in axes:
+        ax.set_xticks(list(positions))
+        ax.set_xticklabels([lab if good else f"{lab}\n(failed)" for lab, good in zip(labels, ok)], rotation=20, fontsize=8)
+    fig.suptitle(f"recbole-llmgen benchmark: {meta['dataset']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

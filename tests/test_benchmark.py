@@ -1,0 +1,90 @@
+"""`recbole-llmgen benchmark`: one table, every model through RecBole, failures kept, reruns reuse."""
+
+import csv
+import json
+import os
+
+import pytest
+
+from recbole_llmgen import benchmark
+from recbole_llmgen.cli import main
+
+
+def _overrides(toy_config_dict, **extra):
+    return {
+        "data_path": toy_config_dict["data_path"],
+        "llm_path": toy_config_dict["llm_path"],
+        "llm_cache_dir": toy_config_dict["llm_cache_dir"],
+        "num_candidates": 5,
+        "epochs": 1,
+        "hidden_size": 16,
+        "inner_size": 32,
+        "embedding_size": 16,
+        "state": "ERROR",
+        **extra,
+    }
+
+
+def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
+    out = str(tmp_path / "bench")
+    models = ["Pop", "BPR", "SASRec", "LLMGen"]
+    broken = _overrides(toy_config_dict, llm_path=str(tmp_path / "no-such-model"))
+    rows = benchmark.run_benchmark("toy", models, "full", None, broken, out, log=lambda m: None,
+                                   runner=benchmark.run_in_process)  # fmt: skip
+    assert [r["model"] for r in rows] == ["Pop", "BPR", "SASRec", "LLMGen"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
+    assert "llm_path" in rows[-1]["error"]
+    for name in ("benchmark.csv", "benchmark.md", "benchmark.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    with open(os.path.join(out, "benchmark.csv"), encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert [r["model"] for r in table] == models
+    assert all(float(r["test_ndcg@10"]) >= 0 for r in table[:3])
+    markdown = open(os.path.join(out, "benchmark.md"), encoding="utf-8").read()
+    assert markdown.count("\n| ") == 5 and "failed: " in markdown
+
+    # second run: the three classic models are reused, only LLMGen runs (now with a model)
+    seen = []
+
+    def runner(spec, log_path):
+        seen.append(spec["model"])
+        return benchmark.run_in_process(spec, log_path)
+
+    rows2 = benchmark.run_benchmark("toy", models, "full", None, _overrides(toy_config_dict), out,
+                                    log=lambda m: None, runner=runner)  # fmt: skip
+    assert seen == ["LLMGen"]
+    assert [r["status"] for r in rows2] == ["ok"] * 4
+    assert rows2[:3] == rows[:3]
+    best = max(rows2[:3], key=lambda r: r["best_valid_score"])
+    assert rows2[3]["candidate_source"] == best["model_file"]  # reranks the best classic model
+    assert rows2[3]["trainable_parameters"] == 0 and rows2[3]["total_parameters"] > 0
+
+
+def test_uni19_protocol_and_config_changes_rerun(toy_config_dict, tmp_path):
+    out = str(tmp_path / "bench")
+    run = lambda **extra: benchmark.run_benchmark(  # noqa: E731
+        "toy", ["Pop"], "uni19", None, _overrides(toy_config_dict, **extra), out,
+        log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
+    first = run()
+    assert first[0]["status"] == "ok" and first[0]["test_hit@10"] > first[0]["test_ndcg@10"] > 0
+    assert run()[0] == first[0]
+    assert run(seed=7)[0]["hash"] != first[0]["hash"]
+
+
+def test_bad_arguments_are_named(toy_config_dict, tmp_path):
+    with pytest.raises(ValueError, match="protocol: 'uni7' is not allowed; choose one of full, uni19, uni100"):
+        benchmark.run_benchmark("toy", ["Pop"], "uni7", None, {}, str(tmp_path))
+    with pytest.raises(ValueError, match=r"models: \['Nope'\] are not RecBole or plugin models"):
+        benchmark.run_benchmark("toy", ["Nope"], "full", None, {}, str(tmp_path))
+
+
+def test_cli_runs_each_model_in_its_own_process(toy_config_dict, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = [f"--{k}={v}" for k, v in _overrides(toy_config_dict, llm_path=str(tmp_path / "missing")).items()]
+    code = main(["benchmark", "--dataset", "toy", "--models", "Pop,LLMGen", "--out", str(out), *args])
+    assert code == 1  # LLMGen failed
+    rows = [json.load(open(out / "runs" / f"{m}.json", encoding="utf-8")) for m in ("Pop", "LLMGen")]
+    assert rows[0]["status"] == "ok" and rows[0]["peak_memory_mb"] > 0
+    assert rows[1]["status"] == "failed" and "llm_path" in rows[1]["error"]
+    assert "Traceback" in (out / "runs" / "LLMGen.log").read_text()
+    assert "| Pop |" in capsys.readouterr().out

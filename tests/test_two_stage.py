@@ -1,0 +1,117 @@
+"""Two-stage ranking: a classic RecBole model proposes, LLMGen reranks."""
+
+import math
+
+import pytest
+import torch
+from conftest import build
+
+from recbole_llmgen.candidates import top_candidates
+from recbole_llmgen.trainer import LLMGenTrainer
+
+
+def _sasrec_file(toy_config_dict, **extra) -> str:
+    from recbole.trainer import Trainer
+
+    config_dict = {
+        "data_path": toy_config_dict["data_path"],
+        "load_col": None,
+        "train_neg_sample_args": None,
+        "epochs": 2,
+        "hidden_size": 16,
+        "inner_size": 32,
+        "n_layers": 1,
+        "state": "ERROR",
+        "show_progress": False,
+        **extra,
+    }
+    config, model, train_data, valid_data, _ = build(config_dict, model="SASRec")
+    trainer = Trainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    return trainer.saved_model_file
+
+
+def _batch(loader):
+    batch = next(iter(loader))
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def test_model_file_proposes_the_candidates(toy_config_dict):
+    path = _sasrec_file(toy_config_dict)
+    _, model, _, _, test_data = build({**toy_config_dict, "candidate_source": path})
+    batch = _batch(test_data)
+    sasrec = model.candidate_model()
+    with torch.no_grad():
+        expected = sasrec.full_sort_predict(batch).view(len(batch), -1)
+    retrieval = model.retrieval_scores(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch)
+    for row in range(len(batch)):
+        history = set(batch[model.ITEM_SEQ][row, : batch[model.ITEM_SEQ_LEN][row]].tolist())
+        for item in range(model.n_items):
+            if item == 0 or item in history:
+                assert retrieval[row, item] == -math.inf
+            else:
+                assert retrieval[row, item] == pytest.approx(expected[row, item].item())
+    # the LLM reranks exactly SASRec's top unseen items, above every other item
+    scores = model.full_sort_predict(batch)
+    candidates = top_candidates(retrieval, model.num_candidates)
+    for row in range(len(batch)):
+        top = set(torch.topk(scores[row], model.num_candidates).indices.tolist())
+        assert top == set(candidates[row].tolist())
+    assert list(model.state_dict()) == ["_extra_state"]  # SASRec is neither trained nor saved with LLMGen
+
+
+def test_model_file_with_other_item_mapping_is_refused(toy_config_dict):
+    path = _sasrec_file(toy_config_dict, item_inter_num_interval="[4,inf)")
+    with pytest.raises(ValueError, match=r"candidate_source: .* another item mapping .*item_inter_num_interval"):
+        build({**toy_config_dict, "candidate_source": path})
+
+
+def test_model_file_of_another_dataset_is_refused(toy_config_dict, toy_root):
+    from conftest import write_toy_dataset
+    from recbole.trainer import Trainer
+
+    write_toy_dataset(toy_root, name="other")
+
+    config, model, train_data, valid_data, _ = build(
+        {"data_path": str(toy_root), "load_col": None, "train_neg_sample_args": None, "epochs": 1, "state": "ERROR"},
+        dataset="other",
+        model="SASRec",
+    )
+    trainer = Trainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    path = trainer.saved_model_file
+    with pytest.raises(ValueError, match=r"trained on dataset 'other', not 'toy'"):
+        build({**toy_config_dict, "candidate_source": path})
+
+
+def test_missing_file_and_unknown_name_are_named(toy_config_dict):
+    with pytest.raises(FileNotFoundError, match=r"candidate_source: model file 'saved/nope.pth' does not exist"):
+        build({**toy_config_dict, "candidate_source": "saved/nope.pth"})
+    with pytest.raises(ValueError, match=r"candidate_source: 'LLMGen' is not allowed|LLMGen cannot propose"):
+        build({**toy_config_dict, "candidate_source": "LLMGen"})
+
+
+def test_model_name_is_trained_first_and_reloads(toy_config_dict):
+    from recbole.quick_start import load_data_and_model
+
+    config_dict = {
+        **toy_config_dict,
+        "candidate_source": "SASRec",
+        "candidate_model_config": {"epochs": 1, "hidden_size": 16, "inner_size": 32, "n_layers": 1},
+    }
+    config, model, train_data, valid_data, test_data = build(config_dict)
+    with pytest.raises(ValueError, match="trained by LLMGenTrainer.fit"):
+        model.retrieval_scores(*_seq(model, _batch(test_data)), _batch(test_data))
+    trainer = LLMGenTrainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    assert model.candidate_model_file and model.candidate_model_file.endswith(".pth")
+    assert type(model.candidate_model()).__name__ == "SASRec"
+    batch = _batch(test_data)
+    expected = model.full_sort_predict(batch)
+    _, reloaded, *_ = load_data_and_model(trainer.saved_model_file)
+    assert reloaded.candidate_model_file == model.candidate_model_file
+    torch.testing.assert_close(reloaded.full_sort_predict(batch), expected, rtol=0, atol=1e-5)
+
+
+def _seq(model, batch):
+    return batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
