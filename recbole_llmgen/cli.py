@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--protocol", default="full", choices=list(PROTOCOLS), help="full ranking or LLMRank's uni19")
     bench.add_argument("--config_files", nargs="+", default=None, help="yaml config files (every model)")
     bench.add_argument("--out", default=None, help="output folder (default: results/benchmark-DATASET-PROTOCOL)")
+    bench.add_argument(
+        "--llm-valid", action="store_true", help="also evaluate zero-shot LLMGen on the valid split (doubles its time)"
+    )
 
     conv = sub.add_parser("convert", help="raw MovieLens / Amazon / CSV dumps to RecBole atomic files with item text")
     conv.add_argument("format", choices=["movielens", "amazon", "csv"])
@@ -167,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or f"results/benchmark-{args.dataset}-{args.protocol}"
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         start = time.perf_counter()
-        rows = run_benchmark(args.dataset, models, args.protocol, args.config_files, overrides, out)
+        rows = run_benchmark(
+            args.dataset, models, args.protocol, args.config_files, overrides, out, llm_valid=args.llm_valid
+        )
         print(open(os.path.join(out, "benchmark.md"), encoding="utf-8").read())
         print(f"wrote {out}/benchmark.csv, benchmark.md, benchmark.png in {time.perf_counter() - start:.0f} s")
         return 0 if all(r.get("status") == "ok" for r in rows) else 1

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs (if needed) and runs the main job: LLMGen zero-shot on the bundled MovieLens-100k with the
-# bundled SmolLM2-135M-Instruct, full ranking of all 943 test users, printing RecBole's metrics.
-# Extra --key=value arguments are passed on, e.g.: bash scripts/main.sh --score_method=verbalizer
+# Installs (if needed) and runs the main job: `recbole-llmgen benchmark` on the bundled MovieLens-100k
+# (Pop, BPR, SASRec and LLMGen with the bundled SmolLM2-135M-Instruct reranking the best classic
+# model's candidates), same split and evaluator for all. Writes results/benchmark-ml-100k-full/
+# benchmark.csv, benchmark.md and benchmark.png; a rerun reuses finished models.
+# Extra arguments are passed on, e.g.: bash scripts/main.sh --protocol uni19 --train_mode=lora
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-mkdir -p results
-.venv/bin/recbole-llmgen run --model LLMGen --dataset ml-100k --json results/llmgen_ml-100k.json "$@"
+.venv/bin/recbole-llmgen benchmark --dataset ml-100k "$@"

@@ -58,6 +58,7 @@ def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
     best = max(rows2[:3], key=lambda r: r["best_valid_score"])
     assert rows2[3]["candidate_source"] == best["model_file"]  # reranks the best classic model
     assert rows2[3]["trainable_parameters"] == 0 and rows2[3]["total_parameters"] > 0
+    assert "valid_ndcg@10" not in rows2[3]  # zero-shot: the valid split is skipped unless llm_valid
 
 
 def test_uni19_protocol_and_config_changes_rerun(toy_config_dict, tmp_path):
