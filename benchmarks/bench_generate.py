@@ -21,13 +21,13 @@ import time
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--methods", default="generate,likelihood")
+    parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--users", type=int, default=0, help="evaluate only the first N test users (0 = all)")
     args, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1]
 
-    from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import get_trainer, init_seed
+    from _harness import prepare
+    from recbole.utils import get_trainer
 
     import recbole_llmgen
     from recbole_llmgen.cli import parse_overrides
@@ -36,14 +36,8 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="bench_generate-")
     results = {}
     for method in args.methods.split(","):
-        config = Config(
-            model="LLMGen",
-            dataset="ml-100k",
-            config_dict={"score_method": method, "checkpoint_dir": os.path.join(out, "saved"), **overrides},
-        )
-        init_seed(config["seed"], config["reproducibility"])
-        dataset = create_dataset(config)
-        train_data, _, test_data = data_preparation(config, dataset)
+        config_dict = {"score_method": method, "checkpoint_dir": os.path.join(out, "saved"), **overrides}
+        config, train_data, _, test_data = prepare("LLMGen", args.dataset, config_dict)
         model = recbole_llmgen.LLMGen(config, train_data._dataset)
         invalid = generated = 0
         if method == "generate":

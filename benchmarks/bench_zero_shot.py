@@ -23,39 +23,29 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1]
 
-    from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import get_trainer, init_seed
+    from _harness import prepare, timed_evaluate, users_in
+    from recbole.utils import get_trainer
 
-    import recbole_llmgen  # registers LLMGen and applies the compatibility fixes first
+    import recbole_llmgen
     from recbole_llmgen.cli import parse_overrides
 
     overrides = parse_overrides(rest)
     out = tempfile.mkdtemp(prefix="bench_zero_shot-")
     results = {}
     for method in args.methods.split(","):
-        config = Config(
-            model="LLMGen",
-            dataset=args.dataset,
-            config_dict={"score_method": method, "checkpoint_dir": os.path.join(out, "saved"), **overrides},
-        )
-        init_seed(config["seed"], config["reproducibility"])
-        dataset = create_dataset(config)
-        train_data, _, test_data = data_preparation(config, dataset)
+        config_dict = {"score_method": method, "checkpoint_dir": os.path.join(out, "saved"), **overrides}
+        config, train_data, _, test_data = prepare("LLMGen", args.dataset, config_dict)
         start = time.perf_counter()
         model = recbole_llmgen.LLMGen(config, train_data._dataset)
         load_s = time.perf_counter() - start
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
         trainer.eval_collector.data_collect(train_data)
-        start = time.perf_counter()
-        result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
-        seconds = time.perf_counter() - start
-        users = len(test_data.uid_list) if hasattr(test_data, "uid_list") else None
+        result, seconds = timed_evaluate(trainer, test_data, config, show_progress=config["show_progress"])
         results[method] = {
-            "eval_seconds": round(seconds, 1),
+            "eval_seconds": seconds,
             "model_load_seconds": round(load_s, 1),
-            "users": users,
-            **{k: round(float(v), 4) for k, v in result.items()},
+            "users": users_in(test_data),
+            **result,
         }
         print(method, results[method], flush=True)
     print(json.dumps({"dataset": args.dataset, "num_candidates": config["num_candidates"], "results": results}))
