@@ -219,3 +219,15 @@ def test_mismatched_checkpoints_are_refused(toy_config_dict, tmp_path, tokenizer
 def test_bad_training_settings_are_named(toy_config_dict, key, value, message):
     with pytest.raises(ValueError, match=message):
         build(_lora(toy_config_dict, **{key: value}))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(toy_config_dict):
+    grads = []
+    for checkpointing in (False, True):
+        _, model, train_data, *_ = build(_lora(toy_config_dict, gradient_checkpointing=checkpointing, lora_dropout=0.0))
+        model.train()
+        assert model.llm.is_gradient_checkpointing == checkpointing
+        model.calculate_loss(_batch(train_data, rows=3)).backward()
+        grads.append(_grads(model))
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4)
