@@ -231,3 +231,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(toy_config_dict):
         grads.append(_grads(model))
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4)
+
+
+def test_recommend_from_a_finetuned_checkpoint(toy_config_dict):
+    from recbole_llmgen import recommend
+
+    _, _, trainer, _ = _fit(_lora(toy_config_dict, learning_rate=0.05, train_batch_size=4))
+    tuned = recommend(["u1", "u2"], topk=5, model_file=trainer.saved_model_file)
+    again = recommend(["u1", "u2"], topk=5, model_file=trainer.saved_model_file)
+    zero_shot = recommend(["u1", "u2"], topk=5, dataset="toy", config_dict=toy_config_dict)
+    assert tuned.equals(again)
+    assert not tuned["score"].round(5).equals(zero_shot["score"].round(5))  # the adapter is applied
