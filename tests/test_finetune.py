@@ -242,3 +242,32 @@ def test_recommend_from_a_finetuned_checkpoint(toy_config_dict):
     zero_shot = recommend(["u1", "u2"], topk=5, dataset="toy", config_dict=toy_config_dict)
     assert tuned.equals(again)
     assert not tuned["score"].round(5).equals(zero_shot["score"].round(5))  # the adapter is applied
+
+
+def test_a_crash_mid_training_keeps_the_last_good_checkpoint(toy_config_dict, monkeypatch):
+    config, model, train_data, valid_data, _ = build(_lora(toy_config_dict, epochs=3, stopping_step=5))
+    trainer = LLMGenTrainer(config, model)
+    calls = {"n": 0}
+    original = model.calculate_loss
+    rows_per_epoch = len(finetune.bounded_train_loader(train_data, model.llm_train_examples_per_user)._dataset)
+    micro_batches_per_epoch = -(-rows_per_epoch // model.llm_train_batch_size)
+
+    def flaky(interaction):
+        calls["n"] += 1
+        if calls["n"] > micro_batches_per_epoch:  # the second epoch dies
+            raise RuntimeError("power cut")
+        return original(interaction)
+
+    monkeypatch.setattr(model, "calculate_loss", flaky)
+    saves = []
+    save = trainer._save_checkpoint
+    monkeypatch.setattr(trainer, "_save_checkpoint", lambda epoch, **kw: saves.append(epoch) or save(epoch, **kw))
+    with pytest.raises(RuntimeError, match="power cut"):
+        trainer.fit(train_data, valid_data, saved=True)
+    assert saves == [0]
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=False)
+    assert checkpoint["epoch"] == 0
+    for key, value in model.llm_trainable.items():
+        torch.testing.assert_close(checkpoint["state_dict"][f"llm_trainable.{key}"], value.detach())
+    folder = os.path.dirname(trainer.saved_model_file)
+    assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
