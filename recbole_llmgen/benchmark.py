@@ -28,8 +28,8 @@ PROTOCOLS = ("full", "uni19", "uni100")
 # On 2 cores a SASRec epoch over ml-100k's ~99k training sequences takes ~2 minutes.
 MODEL_DEFAULTS = {
     "BPR": {"epochs": 20, "stopping_step": 3},
-    "SASRec": {"epochs": 4, "stopping_step": 2, "train_neg_sample_args": None},
-    "GRU4Rec": {"epochs": 4, "stopping_step": 2, "train_neg_sample_args": None},
+    "SASRec": {"epochs": 3, "stopping_step": 2, "train_neg_sample_args": None},
+    "GRU4Rec": {"epochs": 3, "stopping_step": 2, "train_neg_sample_args": None},
     "LLMGen": {"num_candidates": 10, "max_history_items": 5},
 }
 TABLE_METRICS = ("ndcg@10", "hit@10", "mrr@10", "recall@10")
@@ -87,7 +87,7 @@ def run_one(spec: dict) -> dict:
 
     import torch
     from recbole.data import create_dataset, data_preparation
-    from recbole.utils import get_model, get_trainer, init_seed
+    from recbole.utils import get_model, get_trainer, init_logger, init_seed
 
     import recbole_llmgen  # noqa: F401
     from recbole_llmgen.quick_start import recbole_argv
@@ -96,6 +96,7 @@ def run_one(spec: dict) -> dict:
     with recbole_argv([]):
         config = build_config(spec["model"], spec["dataset"], spec["config"], spec.get("config_files"))
     init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)  # RecBole's epoch lines go to this model's log
     data = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, data)
     init_seed(config["seed"], config["reproducibility"])
