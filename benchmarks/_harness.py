@@ -7,6 +7,8 @@ reset ``sys.argv`` before calling :func:`prepare`.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -16,29 +18,23 @@ import recbole_llmgen  # noqa: F401  (compatibility fixes, LLMGen registered)
 
 
 def prepare(model: str, dataset: str, config_dict: dict):
-    """(config, train, valid, test) exactly as RecBole's run_recbole builds them."""
+    """(config, train, valid, test) exactly as RecBole's run_recbole builds them, every column
+    loaded for datasets without a RecBole yaml (as the benchmark command does)."""
     from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
 
-    from recbole_llmgen.model import has_recbole_dataset_yaml
+    from recbole_llmgen.quick_start import every_column_unless_set, load_data
 
-    if "load_col" not in config_dict and not has_recbole_dataset_yaml(dataset):
-        # RecBole's sample.yaml would load only user_id and item_id for every model but LLMGen:
-        # no timestamps, so no time-ordered split. Every model loads every column instead.
-        config_dict = {**config_dict, "load_col": None}
-    config = Config(model=model, dataset=dataset, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    data = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, data)
-    return config, train_data, valid_data, test_data
+    config = Config(model=model, dataset=dataset, config_dict=every_column_unless_set(dataset, config_dict))
+    return (config, *load_data(config))
 
 
-def build_model(config, train_data):
-    from recbole.utils import get_model, init_seed
-
-    init_seed(config["seed"], config["reproducibility"])
-    return get_model(config["model"])(config, train_data._dataset).to(config["device"])
+def method_runs(methods: str, dataset: str, overrides: dict, prefix: str):
+    """(method, config, train, test) for each ``score_method`` of LLMGen, checkpoints in a temp folder."""
+    out = tempfile.mkdtemp(prefix=prefix)
+    for method in methods.split(","):
+        config_dict = {"score_method": method, "checkpoint_dir": os.path.join(out, "saved"), **overrides}
+        config, train_data, _, test_data = prepare("LLMGen", dataset, config_dict)
+        yield method, config, train_data, test_data
 
 
 def sample_users(loader, n_users: int, seed: int):

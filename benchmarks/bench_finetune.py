@@ -38,10 +38,11 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1]
 
-    from _harness import build_model, prepare, sample_users, timed_evaluate, users_in
+    from _harness import prepare, sample_users, timed_evaluate, users_in
     from recbole.utils import get_trainer
 
     from recbole_llmgen.cli import parse_overrides
+    from recbole_llmgen.quick_start import build_model
 
     overrides = parse_overrides(rest)
     out = tempfile.mkdtemp(prefix="bench_finetune-")

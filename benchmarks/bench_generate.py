@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
-import tempfile
 import time
 
 
@@ -26,18 +24,15 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1]
 
-    from _harness import prepare
+    from _harness import method_runs
     from recbole.utils import get_trainer
 
     import recbole_llmgen
     from recbole_llmgen.cli import parse_overrides
 
     overrides = parse_overrides(rest)
-    out = tempfile.mkdtemp(prefix="bench_generate-")
     results = {}
-    for method in args.methods.split(","):
-        config_dict = {"score_method": method, "checkpoint_dir": os.path.join(out, "saved"), **overrides}
-        config, train_data, _, test_data = prepare("LLMGen", args.dataset, config_dict)
+    for method, config, train_data, test_data in method_runs(args.methods, args.dataset, overrides, "bench_generate-"):
         model = recbole_llmgen.LLMGen(config, train_data._dataset)
         invalid = generated = 0
         if method == "generate":

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 
 
@@ -23,18 +21,15 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1]
 
-    from _harness import prepare, timed_evaluate, users_in
+    from _harness import method_runs, timed_evaluate, users_in
     from recbole.utils import get_trainer
 
     import recbole_llmgen
     from recbole_llmgen.cli import parse_overrides
 
     overrides = parse_overrides(rest)
-    out = tempfile.mkdtemp(prefix="bench_zero_shot-")
     results = {}
-    for method in args.methods.split(","):
-        config_dict = {"score_method": method, "checkpoint_dir": os.path.join(out, "saved"), **overrides}
-        config, train_data, _, test_data = prepare("LLMGen", args.dataset, config_dict)
+    for method, config, train_data, test_data in method_runs(args.methods, args.dataset, overrides, "bench_zero_shot-"):
         start = time.perf_counter()
         model = recbole_llmgen.LLMGen(config, train_data._dataset)
         load_s = time.perf_counter() - start

@@ -44,19 +44,18 @@ def split_args(protocol: str) -> dict:
 def model_config(model: str, dataset: str, protocol: str, overrides: dict, out: str) -> dict:
     """The config dict of one model: laptop defaults, then the user's overrides, then the shared
     split and output folder (the same for every model, never overridden per model)."""
-    from recbole_llmgen.model import has_recbole_dataset_yaml
+    from recbole_llmgen.quick_start import every_column_unless_set
 
     if model != "LLMGen":  # LLMGen's own keys mean nothing to other models: keep them out of their hash
         from recbole_llmgen.two_stage import llmgen_only_keys
 
-        overrides = {k: v for k, v in overrides.items() if k not in llmgen_only_keys()}
+        own_keys = llmgen_only_keys()
+        overrides = {k: v for k, v in overrides.items() if k not in own_keys}
     config = {**MODEL_DEFAULTS.get(model, {}), **overrides}
     config["eval_args"] = split_args(protocol)
     config["checkpoint_dir"] = os.path.join(out, "saved")
     config.setdefault("data_path", "datasets/")
-    if "load_col" not in overrides and not has_recbole_dataset_yaml(dataset):
-        config["load_col"] = None  # every model loads every column (timestamps for the split)
-    return config
+    return every_column_unless_set(dataset, config)
 
 
 def run_hash(spec: dict) -> str:
@@ -86,21 +85,17 @@ def run_one(spec: dict) -> dict:
     import resource
 
     import torch
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import get_model, get_trainer, init_logger, init_seed
+    from recbole.utils import get_trainer, init_logger
 
     import recbole_llmgen  # noqa: F401
-    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.quick_start import build_model, load_data, recbole_argv
     from recbole_llmgen.two_stage import build_config
 
     with recbole_argv([]):
         config = build_config(spec["model"], spec["dataset"], spec["config"], spec.get("config_files"))
-    init_seed(config["seed"], config["reproducibility"])
     init_logger(config)  # RecBole's epoch lines go to this model's log
-    data = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, data)
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    train_data, valid_data, test_data = load_data(config)
+    model = build_model(config, train_data)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     # a zero-shot LLM selects nothing on the valid split: skipping it halves its cost (opt in: llm_valid)
     zero_shot = getattr(model, "train_mode", None) == "none" and not spec.get("llm_valid", False)

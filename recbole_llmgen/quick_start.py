@@ -58,3 +58,31 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     return recbole.quick_start.run_recbole(
         model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict, saved=saved
     )
+
+
+def every_column_unless_set(dataset: str, config_dict: dict) -> dict:
+    """``config_dict`` with ``load_col: None`` for a dataset without a RecBole yaml (unless set):
+    RecBole's sample.yaml would load only user_id and item_id for every model but LLMGen, so no
+    timestamps for a time-ordered split. Comparing models needs every model to load every column."""
+    from recbole_llmgen.model import has_recbole_dataset_yaml
+
+    if "load_col" in config_dict or has_recbole_dataset_yaml(dataset):
+        return config_dict
+    return {**config_dict, "load_col": None}
+
+
+def load_data(config):
+    """RecBole's (train, valid, test) loaders for ``config``, seeded as its run_recbole seeds them."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    init_seed(config["seed"], config["reproducibility"])
+    return data_preparation(config, create_dataset(config))
+
+
+def build_model(config, train_data):
+    """``config['model']`` on the training dataset, seeded and on the configured device."""
+    from recbole.utils import get_model, init_seed
+
+    init_seed(config["seed"], config["reproducibility"])
+    return get_model(config["model"])(config, train_data._dataset).to(config["device"])

@@ -156,15 +156,12 @@ def build_config(name: str, dataset: str, config_dict: dict, config_file_list: l
 
 def train_candidate_model(name: str, config, show_progress: bool = False) -> str:
     """Train RecBole's ``name`` on the run's dataset and split; returns its best checkpoint."""
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import get_model, get_trainer, init_seed
+    from recbole.utils import get_trainer
+
+    from recbole_llmgen.quick_start import build_model, load_data
 
     own = build_config(name, config["dataset"], candidate_model_config(name, config))
-    init_seed(own["seed"], own["reproducibility"])
-    dataset = create_dataset(own)
-    train_data, valid_data, _ = data_preparation(own, dataset)
-    init_seed(own["seed"], own["reproducibility"])
-    model = get_model(name)(own, train_data._dataset).to(own["device"])
-    trainer = get_trainer(own["MODEL_TYPE"], name)(own, model)
+    train_data, valid_data, _ = load_data(own)
+    trainer = get_trainer(own["MODEL_TYPE"], name)(own, build_model(own, train_data))
     trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress)
     return trainer.saved_model_file
