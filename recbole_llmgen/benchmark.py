@@ -161,7 +161,11 @@ def run_in_subprocess(spec: dict, log_path: str) -> dict:
         if os.path.isfile(result_path):
             with open(result_path, encoding="utf-8") as f:
                 return json.load(f)
-        return {"model": spec["model"], "status": "failed", "error": f"process exited with {process.returncode}; see {log_path}"}
+        return {
+            "model": spec["model"],
+            "status": "failed",
+            "error": f"process exited with {process.returncode}; see {log_path}",
+        }
 
 
 def best_classic(rows: list[dict]) -> dict | None:
@@ -223,7 +227,9 @@ def run_benchmark(
         _write_json(record, row)
         rows.append(row)
         if row.get("status") == "ok":
-            log(f"    test ndcg@10 {row.get('test_ndcg@10')}, hit@10 {row.get('test_hit@10')} ({row['wall_seconds']} s)")
+            log(
+                f"    test ndcg@10 {row.get('test_ndcg@10')}, hit@10 {row.get('test_hit@10')} ({row['wall_seconds']} s)"
+            )
         else:
             log(f"    FAILED: {row.get('error')}")
     write_outputs(rows, out, {"dataset": dataset, "protocol": protocol, "overrides": overrides})
@@ -324,7 +330,9 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     axes[2].set_title("Cost: peak memory (MB)")
     for ax in axes:
         ax.set_xticks(list(positions))
-        ax.set_xticklabels([lab if good else f"{lab}\n(failed)" for lab, good in zip(labels, ok)], rotation=20, fontsize=8)
+        ax.set_xticklabels(
+            [lab if good else f"{lab}\n(failed)" for lab, good in zip(labels, ok)], rotation=20, fontsize=8
+        )
     fig.suptitle(f"recbole-llmgen benchmark: {meta['dataset']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config_files", nargs="+", default=None, help="yaml config files")
     run.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     run.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
+    run.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPUs, one GPU each)")
+    run.add_argument("--world_size", type=int, default=-1, help="processes on all machines (default: nproc)")
+    run.add_argument("--ip", default="localhost", help="address of the machine running rank 0")
+    run.add_argument("--port", default="5678", help="a free port on that machine")
+    run.add_argument("--group_offset", type=int, default=0, help="global rank of this machine's first process")
 
     rec = sub.add_parser("recommend", help="top-k recommendations (with explanations) for given users")
     rec.add_argument("--dataset", "-d", default=None, help="dataset name (default: the model file's)")
@@ -191,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                 config_file_list=args.config_files,
                 config_dict=overrides,
                 saved=not args.no_save,
+                nproc=args.nproc,
+                world_size=args.world_size,
+                ip=args.ip,
+                port=args.port,
+                group_offset=args.group_offset,
             )
         seconds = time.perf_counter() - start
         summary = {

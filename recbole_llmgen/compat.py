@@ -147,4 +147,7 @@ def apply() -> None:
     restore_numpy_aliases()
     patch_checkpoint_loading()
     undo_global_anomaly_detection()
+    from recbole_llmgen import distributed
+
+    distributed.install()
     _applied = True

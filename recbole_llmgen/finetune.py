@@ -128,7 +128,9 @@ def target_token_nll(llm, prompts: Sequence[Sequence[int]], targets: Sequence[Se
     return torch.stack(losses)
 
 
-def label_cross_entropy(llm, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], targets: Sequence[int], pad_id):
+def label_cross_entropy(
+    llm, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], targets: Sequence[int], pad_id
+):
     """Cross-entropy of the target label among the shown candidates' labels, per example. [B]"""
     ids, mask, positions = left_pad(prompts, pad_id, llm.device)
     logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
@@ -151,7 +153,11 @@ def fingerprint(llm, llm_path: str) -> dict:
 
 def items_fingerprint(dataset_name: str, item_tokens: Sequence[str]) -> dict:
     joined = "\n".join(str(t) for t in item_tokens)
-    return {"dataset": dataset_name, "n_items": len(item_tokens), "items_sha1": hashlib.sha1(joined.encode()).hexdigest()}
+    return {
+        "dataset": dataset_name,
+        "n_items": len(item_tokens),
+        "items_sha1": hashlib.sha1(joined.encode()).hexdigest(),
+    }
 
 
 def check_checkpoint(saved: dict | None, current: dict) -> None:
@@ -175,7 +181,11 @@ def check_checkpoint(saved: dict | None, current: dict) -> None:
         raise ValueError(
             f"model_file: trained on dataset {items['dataset']!r} with {items['n_items']} item ids, but this "
             f"model has dataset {here_items['dataset']!r} with {here_items['n_items']} item ids"
-            + (" (same name, other item mapping: different filtering or files)" if items["dataset"] == here_items["dataset"] else "")
+            + (
+                " (same name, other item mapping: different filtering or files)"
+                if items["dataset"] == here_items["dataset"]
+                else ""
+            )
         )
     for key in ("train_mode", "lora"):
         if saved[key] != current[key]:

@@ -57,7 +57,9 @@ class ItemTrie:
         return [] if node is None else list(self.items[node])
 
 
-def constrained_beam_search(model, prompt_ids: Sequence[int], trie: ItemTrie, num_beams: int) -> list[tuple[int, float]]:
+def constrained_beam_search(
+    model, prompt_ids: Sequence[int], trie: ItemTrie, num_beams: int
+) -> list[tuple[int, float]]:
     """Items reachable by a beam search over ``trie`` after one prompt, best first.
 
     Returns ``(item_id, mean token log-prob)`` for every item whose end a beam reached, sorted by
@@ -107,7 +109,9 @@ def batched_constrained_beam_search(
             tokens = list(trie.children[node])
             values = next_logprobs[row, tokens].tolist() if tokens else []
             for token, value in zip(tokens, values):
-                per_user.setdefault(user, []).append((total + value, row, token, trie.children[node][token], length + 1))
+                per_user.setdefault(user, []).append(
+                    (total + value, row, token, trie.children[node][token], length + 1)
+                )
         live = []
         for user in sorted(per_user):
             expansions = sorted(per_user[user], key=lambda e: (-e[0], e[1], e[2]))[:num_beams]

@@ -55,7 +55,9 @@ def resolve_llm_path(llm_path: str) -> ModelSource:
     if llm_path.startswith("bundled:"):
         name = llm_path.split(":", 1)[1]
         if name not in BUNDLED:
-            raise ValueError(f"llm_path: unknown bundled model {name!r}; allowed: {', '.join('bundled:' + n for n in BUNDLED)}")
+            raise ValueError(
+                f"llm_path: unknown bundled model {name!r}; allowed: {', '.join('bundled:' + n for n in BUNDLED)}"
+            )
         package, file_name = BUNDLED[name]
         try:
             folder = package_folder(package)

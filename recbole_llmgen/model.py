@@ -198,7 +198,10 @@ class LLMGen(SequentialRecommender):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora_dropout: expected a number in [0, 1), got {config['lora_dropout']!r}")
         targets = config["lora_target_modules"]
-        if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        if not (
+            isinstance(targets, str)
+            or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+        ):
             raise ValueError(f"lora_target_modules: expected 'all-linear' or a list of layer names, got {targets!r}")
         return {
             "r": positive_int(config, "lora_r"),
@@ -436,7 +439,9 @@ class LLMGen(SequentialRecommender):
                     f"candidate_source: {self.candidate_source!r} is trained by LLMGenTrainer.fit before "
                     "LLMGen runs; run fit first (RecBole's run_recbole does) or give a saved model file"
                 )
-            model = two_stage.load_candidate_model(self.candidate_model_file, self._candidate_config, self._candidate_dataset)
+            model = two_stage.load_candidate_model(
+                self.candidate_model_file, self._candidate_config, self._candidate_dataset
+            )
             object.__setattr__(self, "_candidate_model", model.to(self.device))  # never trained or saved with LLMGen
         return self._candidate_model
 

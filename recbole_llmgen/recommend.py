@@ -92,7 +92,9 @@ def recommend(
     histories = _histories(full, inner, uid, iid, config["TIME_FIELD"])
     empty = [u for u, i in zip(users, inner) if not histories[i]]
     if empty:
-        raise ValueError(f"user_id: {empty} have no interactions in {config['dataset']!r}: nothing to base a recommendation on")
+        raise ValueError(
+            f"user_id: {empty} have no interactions in {config['dataset']!r}: nothing to base a recommendation on"
+        )
     max_len = config["MAX_ITEM_LIST_LENGTH"]
     seqs = torch.zeros(len(inner), max_len, dtype=torch.long)
     lens = torch.zeros(len(inner), dtype=torch.long)
@@ -102,7 +104,9 @@ def recommend(
         lens[row] = len(history)
     from recbole.data.interaction import Interaction
 
-    interaction = Interaction({uid: torch.tensor(inner), rec.ITEM_SEQ: seqs, rec.ITEM_SEQ_LEN: lens}).to(config["device"])
+    interaction = Interaction({uid: torch.tensor(inner), rec.ITEM_SEQ: seqs, rec.ITEM_SEQ_LEN: lens}).to(
+        config["device"]
+    )
     rec.eval()
     with torch.no_grad():
         scores = rec.full_sort_predict(interaction).cpu()  # [B, n_items]
@@ -139,7 +143,9 @@ def explain_item(rec, history: list[int], item: int, max_new_tokens: int = 60) -
         eos_token_id=tokenizer.eos_token_id,
     )
     generated = " ".join(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).split())
-    return first_sentences(generated, 2) or f"It is close to {rec.item_texts[window[-1]]}, which the user chose recently."
+    return (
+        first_sentences(generated, 2) or f"It is close to {rec.item_texts[window[-1]]}, which the user chose recently."
+    )
 
 
 def first_sentences(text: str, n: int) -> str:

@@ -117,8 +117,7 @@ def unknown_model_error(name: str) -> ValueError:
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return ValueError(
-        f"model {name!r} is not a RecBole model nor a registered plugin model.{hint} "
-        f"Known models: {', '.join(names)}"
+        f"model {name!r} is not a RecBole model nor a registered plugin model.{hint} Known models: {', '.join(names)}"
     )
 
 
@@ -162,9 +161,7 @@ def _load_internal_config_dict_hook(original):
             if os.path.isfile(path):
                 self._update_internal_config_dict(path)
         if model_class.type.name == "SEQUENTIAL":
-            self._update_internal_config_dict(
-                os.path.join(properties, "quick_start_config", "sequential.yaml")
-            )
+            self._update_internal_config_dict(os.path.join(properties, "quick_start_config", "sequential.yaml"))
 
     return _load_internal_config_dict
 
@@ -214,8 +211,6 @@ def install_hooks() -> None:
     for module in (recbole.utils, utils, quick_start):
         module.get_flops = get_flops
     Config = configurator.Config
-    Config._load_internal_config_dict = _load_internal_config_dict_hook(
-        Config._load_internal_config_dict
-    )
+    Config._load_internal_config_dict = _load_internal_config_dict_hook(Config._load_internal_config_dict)
     Config._set_default_parameters = _set_default_parameters_hook(Config._set_default_parameters)
     _hooks_installed = True

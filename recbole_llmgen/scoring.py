@@ -78,7 +78,9 @@ def pack_continuations(continuations: Sequence[Sequence[int]], prefix_length: in
     allowed = torch.zeros(total, prefix_length + total, dtype=torch.bool)
     allowed[:, :prefix_length] = True
     for begin, end in segments:
-        allowed[begin:end, prefix_length + begin : prefix_length + end] = torch.ones(end - begin, end - begin).tril().bool()
+        allowed[begin:end, prefix_length + begin : prefix_length + end] = (
+            torch.ones(end - begin, end - begin).tril().bool()
+        )
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return torch.tensor([inputs]), torch.tensor([positions]), mask[None, None], segments
 

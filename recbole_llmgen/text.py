@@ -34,7 +34,7 @@ def default_text_fields(available: Sequence[str], item_id_field: str) -> list[st
 
 
 def default_template(fields: Sequence[str]) -> str:
-    """"{title} ({year})" for a title plus a year-like field, else the fields joined by ", "."""
+    """ "{title} ({year})" for a title plus a year-like field, else the fields joined by ", "."""
     if len(fields) == 2 and any(h in fields[1].lower() for h in YEAR_HINTS):
         return "{%s} ({%s})" % (fields[0], fields[1])
     return ", ".join("{%s}" % f for f in fields)

@@ -12,7 +12,7 @@ from recbole.utils import set_color
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_llmgen import finetune, two_stage
+from recbole_llmgen import distributed, finetune, two_stage
 
 
 class LLMGenTrainer(Trainer):
@@ -86,21 +86,28 @@ class LLMGenTrainer(Trainer):
         micro = self.model.llm_train_batch_size
         autocast = self.device.type == "cuda"  # bf16 compute; LoRA weights stay fp32
         total = 0.0
+        if distributed.active(self.config) and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)  # each rank its own shard, reshuffled every epoch
         iter_data = train_data
         if show_progress:
-            iter_data = tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+            iter_data = tqdm(
+                train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")
+            )
         for interaction in iter_data:
             interaction = interaction.to(self.device)
             self.optimizer.zero_grad()
             rows = len(interaction)
             batch_loss = 0.0
-            for start in range(0, rows, micro):
+            starts = range(0, rows, micro)
+            for start in starts:
                 part = interaction[torch.arange(start, min(start + micro, rows))]
                 with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = loss_func(part) * (len(part) / rows)
                 self._check_nan(loss)
-                loss.backward()
                 batch_loss += loss.item()
+                if start == starts[-1]:  # multi-process: all-reduce the accumulated gradients once
+                    loss = loss + distributed.sync_gradients_next_backward(self)
+                loss.backward()
             if self.clip_grad_norm:
                 clip_grad_norm_(self._trainable_parameters(), **self.clip_grad_norm)
             self.optimizer.step()
@@ -108,9 +115,11 @@ class LLMGenTrainer(Trainer):
         return total
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        """Config + trainable state only, written to a temporary file and renamed into place."""
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
-            return
+        """Config + trainable state only, written to a temporary file and renamed into place.
+        Multi-process: global rank 0 writes it at the name all ranks agreed on; the others wait."""
+        distributed.save_on_rank_zero(self.config, self._write_checkpoint, epoch, verbose, **kwargs)
+
+    def _write_checkpoint(self, epoch, verbose=True, **kwargs):
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         state = {
             "config": self.config,

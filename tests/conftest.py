@@ -74,8 +74,8 @@ def tiny_llm(tiny_llm_path):
     return load_llm(tiny_llm_path)
 
 
-def write_toy_dataset(root: Path, name: str = "toy", titles: list[str] | None = None) -> Path:
-    """8 users x 12 interactions over 30 items with distinct titles and years."""
+def write_toy_dataset(root: Path, name: str = "toy", titles: list[str] | None = None, n_users: int = N_USERS) -> Path:
+    """8 users (or ``n_users``) x 12 interactions over 30 items with distinct titles and years."""
     import random
 
     rng = random.Random(7)
@@ -88,7 +88,7 @@ def write_toy_dataset(root: Path, name: str = "toy", titles: list[str] | None = 
             f.write(f"i{i}\t{title}\t{1980 + i}\n")
     with open(folder / f"{name}.inter", "w", encoding="utf-8") as f:
         f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
-        for u in range(N_USERS):
+        for u in range(n_users):
             items = rng.sample(range(N_ITEMS), PER_USER)
             for t, i in enumerate(items):
                 f.write(f"u{u}\ti{i}\t{rng.randint(1, 5)}\t{1000 * u + t}\n")

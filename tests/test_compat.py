@@ -73,12 +73,16 @@ def test_recbole_sine_import_no_longer_leaves_anomaly_detection_on():
     probe = "import torch, {module}; print(torch.is_anomaly_enabled())"
     raw = subprocess.run(
         [sys.executable, "-c", probe.format(module="recbole.model.sequential_recommender")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert raw.stdout.strip().splitlines()[-1] == "True"  # RecBole's own behaviour (sine.py)
     fixed = subprocess.run(
         [sys.executable, "-c", probe.format(module="recbole_llmgen, recbole.model.sequential_recommender")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert fixed.stdout.strip().splitlines()[-1] == "False"
     assert not torch.is_anomaly_enabled()

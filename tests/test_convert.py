@@ -16,14 +16,20 @@ def read_atomic(path):
 
 def write_ml100k(folder, users=6, items=8):
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"{u}\t{i}\t{1 + (u + i) % 5}\t{1000 + 10 * u + i}" for u in range(1, users + 1) for i in range(1, items + 1)]
+    lines = [
+        f"{u}\t{i}\t{1 + (u + i) % 5}\t{1000 + 10 * u + i}" for u in range(1, users + 1) for i in range(1, items + 1)
+    ]
     lines.insert(3, "1\t2\t3")  # wrong column count
     lines.insert(5, "2\t3\tfive\t1000")  # bad number
     lines.append("1\t1\t5\t999999")  # repeated (user, item): the first is kept
     (folder / "u.data").write_text("\n".join(lines) + "\n")
     flags = "|".join(["0"] * 19)
     genre = "|".join(["0", "1"] + ["0"] * 17)  # Action
-    rows = [f"1|Caf\xe9 Society (1995)|01-Jan-1995||http://x|{genre}", "2|Tab\tTitle (1996)|||x|" + flags, "3||||x|" + flags]
+    rows = [
+        f"1|Caf\xe9 Society (1995)|01-Jan-1995||http://x|{genre}",
+        "2|Tab\tTitle (1996)|||x|" + flags,
+        "3||||x|" + flags,
+    ]
     rows += [f"{i}|Movie {i} (19{80 + i})|||x|{flags}" for i in range(4, items + 1)]
     rows.append("99|Broken|row")
     (folder / "u.item").write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
@@ -81,7 +87,9 @@ def test_movielens_1m_and_latest(tmp_path):
     latest = tmp_path / "ml-latest-small"
     latest.mkdir()
     (latest / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,11,4.5,964982703\n2,11,3.0,964981247\n")
-    (latest / "movies.csv").write_text('movieId,title,genres\n11,"American President, The (1995)",Comedy|Drama|Romance\n')
+    (latest / "movies.csv").write_text(
+        'movieId,title,genres\n11,"American President, The (1995)",Comedy|Drama|Romance\n'
+    )
     convert("movielens", [str(latest)], str(tmp_path / "out" / "latest"))
     items = read_atomic(tmp_path / "out" / "latest" / "latest.item").set_index("item_id:token")
     assert items.loc["11", "title:token_seq"] == "American President, The"
@@ -110,9 +118,13 @@ def test_amazon_2018_gzipped_with_2014_metadata(tmp_path):
 
 def test_amazon_2023_keys(tmp_path):
     reviews = tmp_path / "reviews.jsonl"
-    reviews.write_text(json.dumps({"user_id": "U1", "parent_asin": "P1", "rating": 4, "timestamp": 1600000000000}) + "\n")
+    reviews.write_text(
+        json.dumps({"user_id": "U1", "parent_asin": "P1", "rating": 4, "timestamp": 1600000000000}) + "\n"
+    )
     meta = tmp_path / "meta.jsonl"
-    meta.write_text(json.dumps({"parent_asin": "P1", "title": "Lamp", "categories": ["Home", "Lighting"], "store": "Ikea"}) + "\n")
+    meta.write_text(
+        json.dumps({"parent_asin": "P1", "title": "Lamp", "categories": ["Home", "Lighting"], "store": "Ikea"}) + "\n"
+    )
     convert("amazon", [str(reviews), str(meta)], str(tmp_path / "out" / "home"))
     inter = read_atomic(tmp_path / "out" / "home" / "home.inter")
     assert inter["timestamp:float"].tolist() == ["1600000000"]  # milliseconds -> seconds
@@ -122,7 +134,13 @@ def test_generic_csv_with_dates_and_items(tmp_path):
     (tmp_path / "clicks.csv").write_text("uid;sku;when\nu1;s1;2024-01-02\nu1;s2;2024-01-03\nu2;s1;not a date\n")
     (tmp_path / "products.csv").write_text("sku;name;descr\ns1;Red Shoe;Nice\ns2;Blue Hat;Warm\n")
     options = CsvOptions(
-        user_col="uid", item_col="sku", rating_col=None, time_col="when", items=str(tmp_path / "products.csv"), text_cols=["name"], sep=";"
+        user_col="uid",
+        item_col="sku",
+        rating_col=None,
+        time_col="when",
+        items=str(tmp_path / "products.csv"),
+        text_cols=["name"],
+        sep=";",
     )
     report = convert("csv", [str(tmp_path / "clicks.csv")], str(tmp_path / "out" / "shop"), csv_options=options)
     inter = read_atomic(tmp_path / "out" / "shop" / "shop.inter")
@@ -131,7 +149,12 @@ def test_generic_csv_with_dates_and_items(tmp_path):
     items = read_atomic(tmp_path / "out" / "shop" / "shop.item")
     assert list(items.columns) == ["item_id:token", "name:token_seq"]
     with pytest.raises(ConversionError, match=r"--user-col: column 'user' is not in"):
-        convert("csv", [str(tmp_path / "clicks.csv")], str(tmp_path / "out" / "x"), csv_options=CsvOptions(user_col="user", sep=";"))
+        convert(
+            "csv",
+            [str(tmp_path / "clicks.csv")],
+            str(tmp_path / "out" / "x"),
+            csv_options=CsvOptions(user_col="user", sep=";"),
+        )
 
 
 def test_k_core_reaches_a_fixed_point():
@@ -165,7 +188,21 @@ def test_cli_convert(tmp_path, capsys):
     from recbole_llmgen.cli import main
 
     raw = write_ml100k(tmp_path / "raw")
-    assert main(["convert", "movielens", "--input", str(raw), "--output", str(tmp_path / "o" / "d"), "--min-user-inter", "2"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "movielens",
+                "--input",
+                str(raw),
+                "--output",
+                str(tmp_path / "o" / "d"),
+                "--min-user-inter",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     assert main(["convert", "movielens", "--input", str(raw), "--output", str(tmp_path / "o" / "d")]) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -174,7 +211,9 @@ def test_cli_convert(tmp_path, capsys):
 def test_bad_encoding_is_reported(tmp_path):
     latest = tmp_path / "ml-latest"
     latest.mkdir()
-    (latest / "ratings.csv").write_bytes(b"userId,movieId,rating,timestamp\n1,11,4.5,964982703\n2,1\xff1,3.0,964981247\n")
+    (latest / "ratings.csv").write_bytes(
+        b"userId,movieId,rating,timestamp\n1,11,4.5,964982703\n2,1\xff1,3.0,964981247\n"
+    )
     report = convert("movielens", [str(latest)], str(tmp_path / "out" / "enc"))
     assert report.problems.counts == {"bad encoding": 1}
     assert "ratings.csv:3" in report.problems.summary()

@@ -28,8 +28,15 @@ def test_bundled_model_prefers_the_right_movie(cache_dir):
     from recbole_llmgen.llm import load_llm
 
     model, tokenizer = load_llm("bundled:smollm2", cache_dir=cache_dir)
-    messages = [{"role": "user", "content": "I watched:\n1. Star Wars (1977)\n2. The Empire Strikes Back (1980)\nRecommend the next movie."}]
-    prompt = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    messages = [
+        {
+            "role": "user",
+            "content": "I watched:\n1. Star Wars (1977)\n2. The Empire Strikes Back (1980)\nRecommend the next movie.",
+        }
+    ]
+    prompt = tokenizer(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )["input_ids"]
     conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["Return of the Jedi (1983)", "Kolya (1996)"]]
     scores = scoring.shared_prefix_scores(model, prompt, conts)
     assert scores[0] > scores[1]

@@ -162,7 +162,9 @@ def test_full_mode_trains_every_weight(toy_config_dict):
 def test_resume_continues_training(toy_config_dict):
     _, _, first, _ = _fit(_lora(toy_config_dict))
     saved = torch.load(first.saved_model_file, weights_only=False)
-    config, model, train_data, valid_data, _ = build(_lora(toy_config_dict, epochs=2, checkpoint=first.saved_model_file))
+    config, model, train_data, valid_data, _ = build(
+        _lora(toy_config_dict, epochs=2, checkpoint=first.saved_model_file)
+    )
     trainer = LLMGenTrainer(config, model)
     seen = []
     original = trainer._train_epoch

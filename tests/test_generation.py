@@ -127,7 +127,9 @@ def test_narrow_beams_rank_reached_items_above_the_rest(toy_config_dict):
 
 
 def test_free_generation_is_grounded_to_the_catalogue(toy_config_dict, monkeypatch):
-    _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", generation_constraint="none", num_beams=3))
+    _, model, _, _, test_data = build(
+        dict(toy_config_dict, score_method="generate", generation_constraint="none", num_beams=3)
+    )
     batch = next(iter(test_data))[0]
     history = batch[model.ITEM_SEQ][0, : batch[model.ITEM_SEQ_LEN][0]].tolist()
     target = next(i for i in range(1, model.n_items) if i not in history)
@@ -157,7 +159,9 @@ def test_item_tokens_are_the_tokens_they_get_after_the_prompt(tokenizer):
     path = os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k", "ml-100k.item")
     with open(path, encoding="utf-8", errors="replace") as f:
         rows = [line.rstrip("\n").split("\t") for line in f.readlines()[1:]]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for row in rows:
         text = f"{row[1]} ({row[2]})" if row[2] else row[1]

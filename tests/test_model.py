@@ -117,7 +117,11 @@ def test_popularity_prior_adds_log_count(toy_config_dict):
     "key,value,message",
     [
         ("score_method", "rank", r"score_method: 'rank' is not allowed; choose one of likelihood, verbalizer"),
-        ("candidate_source", "random", r"candidate_source: .random. is not allowed; choose pop, text, a saved RecBole model file"),
+        (
+            "candidate_source",
+            "random",
+            r"candidate_source: .random. is not allowed; choose pop, text, a saved RecBole model file",
+        ),
         ("train_mode", "qlora", r"train_mode: 'qlora' is not allowed; choose one of none"),
         ("num_candidates", 0, r"num_candidates: expected an integer >= 1, got 0"),
         ("num_candidates", 31, r"num_candidates: 31 exceeds the number of items in the dataset \(30\)"),

@@ -80,7 +80,19 @@ def test_default_data_path_is_datasets(tmp_path, toy_root, toy_config_dict):
 def test_cli_run_writes_json(toy_config_dict, tmp_path):
     out = tmp_path / "result.json"
     args = [f"--{k}={v}" for k, v in toy_config_dict.items()]
-    cmd = [sys.executable, "-m", "recbole_llmgen", "run", "--model", "LLMGen", "--dataset", "toy", "--json", str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "recbole_llmgen",
+        "run",
+        "--model",
+        "LLMGen",
+        "--dataset",
+        "toy",
+        "--json",
+        str(out),
+        *args,
+    ]
     completed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -122,7 +134,7 @@ def test_cli_takes_model_and_dataset_from_config_files(tmp_path, toy_root, monke
 
     seen = {}
 
-    def fake_run_recbole(model, dataset, config_file_list, config_dict, saved):
+    def fake_run_recbole(model, dataset, config_file_list, config_dict, saved, **processes):
         seen.update(model=model, dataset=dataset)
         return {"best_valid_result": {}, "test_result": {}}
 

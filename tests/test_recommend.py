@@ -60,7 +60,9 @@ def test_cli_recommend_json(toy_config_dict, tmp_path, capsys):
 
     out = tmp_path / "recs.json"
     args = [f"--{k}={v}" for k, v in toy_config_dict.items()]
-    code = main(["recommend", "--dataset", "toy", "--user", "u0", "--user", "u5", "--topk", "2", "--json", str(out), *args])
+    code = main(
+        ["recommend", "--dataset", "toy", "--user", "u0", "--user", "u5", "--topk", "2", "--json", str(out), *args]
+    )
     assert code == 0
     assert "user u0" in capsys.readouterr().out
     rows = json.loads(out.read_text())

@@ -31,7 +31,9 @@ def test_yaml_file_with_model_llmgen(toy_root, tmp_path):
     from recbole.config import Config
 
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"model": "LLMGen", "dataset": "toy", "data_path": str(toy_root), "max_history_items": 3}))
+    path.write_text(
+        yaml.safe_dump({"model": "LLMGen", "dataset": "toy", "data_path": str(toy_root), "max_history_items": 3})
+    )
     config = Config(config_file_list=[str(path)])
     assert config["model"] == "LLMGen" and config["max_history_items"] == 3
 

@@ -1,0 +1,203 @@
+"""Multi-process runs (RecBole's nproc/world_size mode) on CPU with gloo: two real processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from conftest import write_toy_dataset
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture
+def odd_config(tmp_path, tiny_llm_path, cache_dir) -> dict:
+    """7 users (odd: a padding sampler would count one twice), batches of 3 users (uneven shards)."""
+    root = write_toy_dataset(tmp_path / "datasets", n_users=7)
+    return {
+        "data_path": str(root),
+        "llm_path": tiny_llm_path,
+        "llm_cache_dir": str(cache_dir),
+        "num_candidates": 5,
+        "show_progress": False,
+        "eval_batch_size": 3,
+        "log_wandb": False,
+        "state": "ERROR",
+        "metrics": ["Recall", "NDCG", "Hit", "MRR", "Precision"],
+        "topk": [1, 3, 10],
+        "checkpoint_dir": str(tmp_path / "saved"),
+    }
+
+
+def _run(config: dict, nproc: int, model: str = "LLMGen", saved: bool = False):
+    from recbole_llmgen import run_recbole
+
+    return run_recbole(model=model, dataset="toy", config_dict=dict(config), saved=saved, nproc=nproc, port=free_port())
+
+
+@pytest.mark.parametrize("protocol", ["full", "uni19"])
+def test_two_processes_give_the_one_process_metrics_exactly(odd_config, protocol):
+    config = dict(odd_config, eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": protocol})
+    one = _run(config, 1)
+    two = _run(config, 2)
+    assert two["test_result"] == one["test_result"]
+    assert two["best_valid_result"] == one["best_valid_result"]
+    assert 0 < one["test_result"]["hit@10"]  # not a vacuous equality
+
+
+def test_builtin_model_runs_on_two_processes(odd_config, tmp_path):
+    from recbole.quick_start import load_data_and_model
+
+    config = dict(odd_config, epochs=2, train_batch_size=8, load_col=None)
+    config["eval_args"] = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}
+    result = _run(config, 2, model="BPR", saved=True)
+    assert set(result["test_result"]) >= {"ndcg@10", "hit@10"}
+    (checkpoint,) = list((tmp_path / "saved").glob("BPR-*.pth"))  # one file, written by rank 0
+    loaded = load_data_and_model(str(checkpoint))
+    assert loaded[1].__class__.__name__ == "BPR"
+
+
+def test_merge_rows_restores_batch_order_and_refuses_gaps_or_repeats():
+    from recbole_llmgen.distributed import merge_rows
+
+    def rows(*values):
+        return {"rec.topk": torch.tensor([[v] for v in values])}
+
+    merged = merge_rows([[(0, rows(1, 2)), (2, rows(5))], [(1, rows(3, 4))]])
+    assert merged["rec.topk"].flatten().tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(RuntimeError, match="partition"):
+        merge_rows([[(0, rows(1))], [(0, rows(1))]])  # a batch counted twice
+    with pytest.raises(RuntimeError, match="partition"):
+        merge_rows([[(0, rows(1))], [(2, rows(1))]])  # batch 1 missing
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nproc": 0}, "nproc: expected at least 1"),
+        ({"nproc": "2"}, "nproc: expected an integer"),
+        ({"nproc": 2, "world_size": 4, "group_offset": 3}, "group_offset: ranks 3..4"),
+    ],
+)
+def test_bad_process_settings_are_named(kwargs, message):
+    from recbole_llmgen import run_recbole
+
+    with pytest.raises(ValueError, match=message):
+        run_recbole(model="BPR", dataset="ml-100k", **kwargs)
+
+
+def test_cli_takes_nproc(odd_config, tmp_path, capsys):
+    import json
+
+    from recbole_llmgen.cli import main
+
+    out = tmp_path / "run.json"
+    args = ["run", "--model", "LLMGen", "--dataset", "toy", "--nproc", "2", "--port", free_port(), "--no-save"]
+    args += [f"--{k}={json.dumps(v)}" for k, v in odd_config.items()]
+    assert main([*args, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["test_result"]["hit@10"] >= 0
+
+
+# --------------------------------------------------------------------------- one rank, inspected
+
+
+def _rank_main(local_rank: int, config_dict: dict, out_dir: str) -> None:
+    """One rank of a hand-launched 2-process run: trains, evaluates, reports what it holds."""
+    import recbole.trainer.trainer as recbole_trainer
+    import torch.distributed as dist
+    from recbole.config import Config
+    from recbole.utils import get_model, get_trainer, init_seed
+
+    from recbole_llmgen.quick_start import load_data, recbole_argv
+
+    torch.set_num_threads(1)
+    recbole_trainer.get_local_time = lambda: f"clock-of-rank-{local_rank}"  # ranks disagree on the time
+    with recbole_argv():
+        config = Config(model="LLMGen", dataset="toy", config_dict={**config_dict, "local_rank": local_rank})
+    train_data, valid_data, test_data = load_data(config)
+    init_seed(config["seed"] + local_rank, config["reproducibility"])  # as RecBole: ranks start different
+    model = get_model("LLMGen")(config, train_data._dataset)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    trainer = get_trainer(config["MODEL_TYPE"], "LLMGen")(config, model)
+    ddp = trainer.distributed_model
+    report = {
+        "backend": dist.get_backend(),
+        "device": str(config["device"]),
+        "ddp": ddp is not None,
+        "ddp_numel": sum(p.numel() for p in ddp.module.parameters()) if ddp is not None else 0,
+        "trainable_numel": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "initial": initial,
+        "after_wrap": {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)},
+        "saved_model_file": trainer.saved_model_file,
+    }
+    trainer.fit(train_data, valid_data, saved=True)
+    report["trained"] = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    report["test_result"] = dict(trainer.evaluate(test_data, load_best_model=True))
+    interaction = next(iter(test_data))[0]
+    report["users"] = interaction["user_id"].tolist()
+    report["scores"] = model.full_sort_predict(interaction).detach()
+    torch.save(report, os.path.join(out_dir, f"rank{local_rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _launch(config: dict, tmp_path) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    config = {**config, "world_size": 2, "nproc": 2, "ip": "localhost", "port": free_port(), "offset": 0}
+    mp.spawn(_rank_main, args=(config, str(tmp_path)), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_lora_on_two_ranks_syncs_adapters_and_writes_one_agreed_checkpoint(odd_config, tmp_path):
+    config = dict(
+        odd_config,
+        train_mode="lora",
+        epochs=1,
+        train_batch_size=4,  # 2 rows per rank per step, in micro-batches of 1: accumulation + one all-reduce
+        llm_train_batch_size=1,
+        llm_train_examples_per_user=2,
+        gradient_checkpointing=True,  # non-reentrant: works under DDP
+        learning_rate=0.05,
+    )
+    zero, one = _launch(config, tmp_path)
+    assert zero["backend"] == one["backend"] == "gloo" and zero["device"] == "cpu"
+    # DDP holds only the adapters: no frozen base weight is broadcast or all-reduced
+    assert zero["ddp"] and zero["ddp_numel"] == zero["trainable_numel"] > 0
+    keys = [k for k in zero["trained"] if "lora" in k]
+    assert keys
+    assert any(not torch.equal(zero["initial"][k], one["initial"][k]) for k in keys)  # seeds differ per rank
+    for k in keys:
+        assert torch.equal(zero["after_wrap"][k], one["after_wrap"][k]), k  # DDP sent rank 0's to all
+    for k in keys:
+        assert torch.equal(zero["trained"][k], one["trained"][k]), k  # same adapters after every step
+    assert any(not torch.equal(zero["trained"][k], zero["initial"][k]) for k in keys)  # it trained
+    # one checkpoint, at rank 0's name, on both ranks; it loads, and gives the same scores everywhere
+    assert zero["saved_model_file"] == one["saved_model_file"]
+    assert zero["saved_model_file"].endswith("LLMGen-clock-of-rank-0.pth")
+    assert [p.name for p in (tmp_path / "saved").glob("*.pth")] == ["LLMGen-clock-of-rank-0.pth"]
+    assert zero["test_result"] == one["test_result"]
+    assert zero["users"] == one["users"] and torch.equal(zero["scores"], one["scores"])
+
+    from recbole.quick_start import load_data_and_model
+
+    from recbole_llmgen.quick_start import recbole_argv
+
+    with recbole_argv():
+        _, model, _, _, _, test_data = load_data_and_model(zero["saved_model_file"])
+    for k in keys:
+        assert torch.equal(model.state_dict()[k], zero["trained"][k])
+    interaction = next(iter(test_data))[0]
+    assert torch.allclose(model.full_sort_predict(interaction), zero["scores"], atol=1e-5)
+
+
+def test_zero_shot_on_two_ranks_needs_no_ddp(odd_config, tmp_path):
+    zero, one = _launch(odd_config, tmp_path)
+    assert not zero["ddp"] and not one["ddp"] and zero["trainable_numel"] == 0
+    assert zero["test_result"] == one["test_result"]
+    assert zero["saved_model_file"] == one["saved_model_file"]
