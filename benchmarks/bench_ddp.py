@@ -83,6 +83,7 @@ def main() -> None:
         "eval_batch_size": 8,  # batches alternate between ranks: small batches balance them
         "show_progress": False,
         "log_wandb": False,
+        "state": "WARNING",
         **overrides,
     }
     one, seconds_1 = timed_run(dataset, config, 1)

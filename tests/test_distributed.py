@@ -201,3 +201,73 @@ def test_zero_shot_on_two_ranks_needs_no_ddp(odd_config, tmp_path):
     assert not zero["ddp"] and not one["ddp"] and zero["trainable_numel"] == 0
     assert zero["test_result"] == one["test_result"]
     assert zero["saved_model_file"] == one["saved_model_file"]
+
+
+def test_two_machines_with_group_offset_give_the_one_process_metrics(odd_config, tmp_path):
+    """world_size 2 as two separate launches of one process each (what two machines run)."""
+    import json
+    import subprocess
+    import sys
+
+    config = dict(odd_config, eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"})
+    one = _run(config, 1)
+    port = free_port()
+    overrides = [f"--{k}={json.dumps(v)}" for k, v in config.items()]
+    launches = []
+    for offset in (0, 1):
+        command = [sys.executable, "-m", "recbole_llmgen", "run", "--model", "LLMGen", "--dataset", "toy"]
+        command += ["--nproc", "1", "--world_size", "2", "--group_offset", str(offset), "--port", port, "--no-save"]
+        command += [*overrides, "--json", str(tmp_path / f"machine{offset}.json")]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        launches.append(
+            subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    for launch in launches:
+        output = launch.communicate(timeout=300)[0].decode(errors="replace")
+        assert launch.returncode == 0, output[-3000:]
+    for offset in (0, 1):
+        summary = json.loads((tmp_path / f"machine{offset}.json").read_text())
+        assert summary["test_result"] == {k: float(v) for k, v in one["test_result"].items()}
+
+
+def test_too_few_gpus_for_nproc_is_named(odd_config, monkeypatch):
+    from recbole.config import Config
+
+    from recbole_llmgen.quick_start import recbole_argv
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # checked before any process group or GPU call
+    config = dict(odd_config, local_rank=0, nproc=2, world_size=2, ip="localhost", port=free_port(), offset=0)
+    with (
+        recbole_argv(),
+        pytest.raises(ValueError, match="nproc: 2 processes need 2 GPUs listed in gpu_id, got gpu_id: '0'"),
+    ):
+        Config(model="LLMGen", dataset="toy", config_dict=dict(config, gpu_id="0"))
+
+
+def _failing_rank(local_rank: int, port: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from recbole_llmgen import distributed
+
+    dist.init_process_group("gloo", rank=local_rank, world_size=2, init_method=f"tcp://localhost:{port}")
+
+    def write():
+        raise OSError("disk full")
+
+    try:
+        distributed.on_rank_zero(write)
+        message = "no error"
+    except Exception as error:  # what each rank sees
+        message = f"{type(error).__name__}: {error}"
+    with open(os.path.join(out_dir, f"rank{local_rank}.txt"), "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+def test_an_error_writing_on_rank_zero_reaches_every_rank(tmp_path):
+    """No rank is left waiting for a checkpoint that rank 0 failed to write."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_failing_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.txt").read_text() == "OSError: disk full"
+    assert (tmp_path / "rank1.txt").read_text() == "RuntimeError: rank 0 failed: OSError: disk full"
