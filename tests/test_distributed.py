@@ -135,6 +135,11 @@ def _rank_main(local_rank: int, config_dict: dict, out_dir: str) -> None:
         "initial": initial,
         "after_wrap": {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)},
         "saved_model_file": trainer.saved_model_file,
+        "use_reentrant": {  # how each checkpointed layer recomputes (HF keeps the kwargs it was given)
+            m._gradient_checkpointing_func.keywords.get("use_reentrant")
+            for m in model.llm.modules()
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")
+        },
     }
     trainer.fit(train_data, valid_data, saved=True)
     report["trained"] = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
@@ -154,24 +159,27 @@ def _launch(config: dict, tmp_path) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def test_lora_on_two_ranks_syncs_adapters_and_writes_one_agreed_checkpoint(odd_config, tmp_path):
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_training_on_two_ranks_syncs_weights_and_writes_one_agreed_checkpoint(odd_config, tmp_path, train_mode):
     config = dict(
         odd_config,
-        train_mode="lora",
+        train_mode=train_mode,
         epochs=1,
         train_batch_size=4,  # 2 rows per rank per step, in micro-batches of 1: accumulation + one all-reduce
         llm_train_batch_size=1,
         llm_train_examples_per_user=2,
         gradient_checkpointing=True,  # non-reentrant: works under DDP
-        learning_rate=0.05,
+        learning_rate=0.05 if train_mode == "lora" else 0.001,
     )
     zero, one = _launch(config, tmp_path)
+    assert zero["use_reentrant"] == {False}
     assert zero["backend"] == one["backend"] == "gloo" and zero["device"] == "cpu"
-    # DDP holds only the adapters: no frozen base weight is broadcast or all-reduced
+    # DDP holds only the trainable weights: no frozen base weight is broadcast or all-reduced
     assert zero["ddp"] and zero["ddp_numel"] == zero["trainable_numel"] > 0
-    keys = [k for k in zero["trained"] if "lora" in k]
-    assert keys
-    assert any(not torch.equal(zero["initial"][k], one["initial"][k]) for k in keys)  # seeds differ per rank
+    keys = [k for k in zero["trained"] if k != "_extra_state"]
+    assert keys and (train_mode == "full" or all("lora" in k for k in keys))
+    if train_mode == "lora":
+        assert any(not torch.equal(zero["initial"][k], one["initial"][k]) for k in keys)  # seeds differ per rank
     for k in keys:
         assert torch.equal(zero["after_wrap"][k], one["after_wrap"][k]), k  # DDP sent rank 0's to all
     for k in keys:
