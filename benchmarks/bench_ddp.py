@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 
 import recbole_llmgen  # noqa: F401  (compatibility fixes, LLMGen registered)
 from recbole_llmgen.cli import parse_overrides
+from recbole_llmgen.distributed import free_port
 from recbole_llmgen.quick_start import recbole_argv, run_recbole
 
 
@@ -47,12 +47,6 @@ def subset_of_ml100k(root: str, users: int) -> str:
     with open(os.path.join(folder, f"{name}.item"), "w", encoding="utf-8") as f:
         f.write(items)
     return name
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return str(s.getsockname()[1])
 
 
 def timed_run(dataset: str, config: dict, nproc: int) -> tuple[dict, float]:

@@ -70,6 +70,8 @@ def run_hash(spec: dict) -> str:
         stat = os.stat(candidate)
         stamp = [stat.st_size, int(stat.st_mtime)]
     parts = [spec["model"], spec["dataset"], spec["config"], files, stamp, spec.get("llm_valid", False)]
+    if spec.get("nproc", 1) > 1:  # same metrics, other times: a rerun with another nproc is a new row
+        parts.append(spec["nproc"])
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -124,6 +126,7 @@ def run_one(spec: dict) -> dict:
         "total_parameters": int(trainable + frozen),
         "model_file": trainer.saved_model_file if os.path.isfile(trainer.saved_model_file) else "",
         "torch_threads": torch.get_num_threads(),
+        "processes": int(spec.get("nproc", 1)),
     }
 
 
@@ -144,9 +147,37 @@ def run_in_process(spec: dict, log_path: str) -> dict:
 def _worker(spec_path: str, result_path: str) -> None:
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
-    row = run_safely(spec)
+    nproc = int(spec.get("nproc", 1))
+    if nproc > 1:
+        import torch.multiprocessing as mp
+
+        from recbole_llmgen.distributed import free_port
+
+        try:  # rank 0 writes the row
+            mp.spawn(_rank_worker, args=(spec, result_path, free_port()), nprocs=nproc, join=True)
+            return
+        except Exception as error:  # noqa: BLE001 -- a failed rank (the others were stopped) is a failed row
+            traceback.print_exc()
+            last = str(error).strip().splitlines()[-1]
+            row = {"model": spec["model"], "status": "failed", "error": f"{nproc} processes: {last}"}
+    else:
+        row = run_safely(spec)
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(row, f)
+
+
+def _rank_worker(local_rank: int, spec: dict, result_path: str, port: str) -> None:
+    """One of ``spec['nproc']`` processes (same metrics as one, see ``distributed``); rank 0 writes."""
+    import torch
+
+    from recbole_llmgen.distributed import cpu_threads_per_rank, rank_config
+
+    nproc = int(spec["nproc"])
+    torch.set_num_threads(cpu_threads_per_rank(nproc))
+    row = run_one({**spec, "config": rank_config(spec["config"], local_rank, nproc, port)})
+    if local_rank == 0:
+        with open(result_path, "w", encoding="utf-8") as f:
+            json.dump(row, f)
 
 
 def run_in_subprocess(spec: dict, log_path: str) -> dict:
@@ -183,16 +214,21 @@ def run_benchmark(
     log: Callable[[str], None] = print,
     runner: Callable[[dict, str], dict] = run_in_subprocess,
     llm_valid: bool = False,
+    llm_nproc: int = 1,
 ) -> list[dict]:
     """Run ``models`` on ``dataset`` (classic models first), write the three files, return the rows.
 
     ``llm_valid``: also evaluate a zero-shot LLMGen on the valid split (it selects nothing there;
     off by default to keep the default run within a laptop budget). Trained models always validate.
+    ``llm_nproc``: LLMGen runs in that many processes (RecBole's multi-process mode: the same
+    metrics, evaluation split between them); the classic models, cheap to run, stay in one.
     """
     from recbole_llmgen.registry import known_model_names
 
     overrides = dict(overrides or {})
     split_args(protocol)
+    if isinstance(llm_nproc, bool) or not isinstance(llm_nproc, int) or llm_nproc < 1:
+        raise ValueError(f"llm_nproc: expected a number of processes >= 1, got {llm_nproc!r}")
     known = known_model_names()
     unknown = [m for m in models if m not in known]
     if unknown:
@@ -212,6 +248,8 @@ def run_benchmark(
         spec = {"model": model, "dataset": dataset, "config": config, "config_files": config_files}
         if model == "LLMGen" and llm_valid:
             spec["llm_valid"] = True
+        if model == "LLMGen" and llm_nproc > 1:
+            spec["nproc"] = llm_nproc
         digest = run_hash(spec)
         record = os.path.join(out, "runs", f"{model}.json")
         previous = _read(record)
@@ -257,7 +295,8 @@ def _label(row: dict) -> str:
     if row["model"] != "LLMGen" or not row.get("candidate_source"):
         return row["model"]
     source = os.path.basename(str(row["candidate_source"])).split("-")[0]
-    return f"LLMGen (reranks {source})"
+    processes = row.get("processes") or 1
+    return f"LLMGen (reranks {source}{f'; {processes} processes' if processes > 1 else ''})"
 
 
 def write_outputs(rows: list[dict], out: str, meta: dict) -> None:

@@ -350,6 +350,28 @@ def install() -> None:
 # ---------------------------------------------------------------- 5. launching
 
 
+def free_port() -> str:
+    """A TCP port free on this machine now (for a one-machine run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
+
+
+def rank_config(config_dict: dict, local_rank: int, nproc: int, port: str) -> dict:
+    """``config_dict`` for rank ``local_rank`` of a one-machine run of ``nproc`` processes."""
+    return {
+        **config_dict,
+        "local_rank": local_rank,
+        "world_size": nproc,
+        "nproc": nproc,
+        "ip": "localhost",
+        "port": str(port),
+        "offset": 0,
+    }
+
+
 def cpu_threads_per_rank(nproc: int) -> int:
     """Cores per process when ``nproc`` ranks share this machine's CPUs."""
     return max(1, (os.cpu_count() or 1) // max(1, nproc))

@@ -89,3 +89,23 @@ def test_cli_runs_each_model_in_its_own_process(toy_config_dict, tmp_path, capsy
     assert rows[1]["status"] == "failed" and "llm_path" in rows[1]["error"]
     assert "Traceback" in (out / "runs" / "LLMGen.log").read_text()
     assert "| Pop |" in capsys.readouterr().out
+
+
+def test_llmgen_in_two_processes_gives_the_same_row(toy_config_dict, tmp_path):
+    out = str(tmp_path / "bench")
+    run = lambda nproc, **extra: benchmark.run_benchmark(  # noqa: E731
+        "toy", ["Pop", "LLMGen"], "full", None, _overrides(toy_config_dict, **extra), out,
+        log=lambda m: None, llm_nproc=nproc)  # fmt: skip
+    one = run(1)[1]
+    two = run(2)[1]  # Pop reused, LLMGen rerun in two processes
+    assert two["status"] == "ok" and two["processes"] == 2 and one["processes"] == 1
+    assert {k: v for k, v in two.items() if k.startswith("test_")} == {
+        k: v for k, v in one.items() if k.startswith("test_")
+    }
+    assert "2 processes" in open(os.path.join(out, "benchmark.md"), encoding="utf-8").read()
+    failed = run(2, llm_path=str(tmp_path / "missing"))[1]
+    assert (
+        failed["status"] == "failed" and failed["error"].startswith("2 processes: ") and "llm_path" in failed["error"]
+    )
+    with pytest.raises(ValueError, match="llm_nproc: expected a number of processes >= 1, got 0"):
+        run(0)

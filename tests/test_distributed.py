@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 from conftest import write_toy_dataset
 
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return str(s.getsockname()[1])
+from recbole_llmgen.distributed import free_port
 
 
 @pytest.fixture
@@ -107,19 +102,20 @@ def test_cli_takes_nproc(odd_config, tmp_path, capsys):
 # --------------------------------------------------------------------------- one rank, inspected
 
 
-def _rank_main(local_rank: int, config_dict: dict, out_dir: str) -> None:
+def _rank_main(local_rank: int, config_dict: dict, port: str, out_dir: str) -> None:
     """One rank of a hand-launched 2-process run: trains, evaluates, reports what it holds."""
     import recbole.trainer.trainer as recbole_trainer
     import torch.distributed as dist
     from recbole.config import Config
     from recbole.utils import get_model, get_trainer, init_seed
 
+    from recbole_llmgen.distributed import rank_config
     from recbole_llmgen.quick_start import load_data, recbole_argv
 
     torch.set_num_threads(1)
     recbole_trainer.get_local_time = lambda: f"clock-of-rank-{local_rank}"  # ranks disagree on the time
     with recbole_argv():
-        config = Config(model="LLMGen", dataset="toy", config_dict={**config_dict, "local_rank": local_rank})
+        config = Config(model="LLMGen", dataset="toy", config_dict=rank_config(config_dict, local_rank, 2, port))
     train_data, valid_data, test_data = load_data(config)
     init_seed(config["seed"] + local_rank, config["reproducibility"])  # as RecBole: ranks start different
     model = get_model("LLMGen")(config, train_data._dataset)
@@ -154,8 +150,7 @@ def _rank_main(local_rank: int, config_dict: dict, out_dir: str) -> None:
 def _launch(config: dict, tmp_path) -> list[dict]:
     import torch.multiprocessing as mp
 
-    config = {**config, "world_size": 2, "nproc": 2, "ip": "localhost", "port": free_port(), "offset": 0}
-    mp.spawn(_rank_main, args=(config, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(config, free_port(), str(tmp_path)), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
