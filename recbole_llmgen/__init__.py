@@ -1,8 +1,8 @@
 """recbole-llmgen: large language models as first-class RecBole recommenders.
 
 ``import recbole_llmgen`` registers the ``LLMGen`` model (and its trainer and defaults) with
-RecBole and makes RecBole 1.2.1 run on today's numpy/pandas/torch (see ``compat``). That is the
-only import-time side effect.
+RecBole and makes RecBole 1.2.1 run on today's numpy/pandas/torch and in its multi-process mode
+(see ``compat``). That is the only import-time side effect.
 """
 
 from recbole_llmgen import compat

@@ -18,6 +18,10 @@ plugin needs to make it run sits here and is applied once by :func:`apply` (call
   process: every backward pass then checks every gradient for NaN (measured: ~20% of a LoRA
   step on CPU). :func:`undo_global_anomaly_detection` imports that package and switches it back
   off; a user who wants it sets it after importing recbole_llmgen.
+* RecBole's multi-process mode (``nproc``, ``world_size``) is NCCL-only, double-counts users and
+  averages per-rank metrics, wraps untrainable models in DDP and races on file names and folders:
+  :func:`recbole_llmgen.distributed.install` (called by :func:`apply`) replaces those pieces; a
+  single-process run still takes RecBole's own code path.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """RecBole's multi-process mode (``nproc``, ``world_size``, ``ip``, ``port``, ``group_offset``),
 made to work for LLMGen and every built-in model, on CPUs (gloo) and GPUs (NCCL).
 
-RecBole 1.2.1's own multi-process mode has five defects; :func:`install` replaces the few RecBole
+RecBole 1.2.1's own multi-process mode has six defects; :func:`install` replaces the few RecBole
 functions involved (once, idempotent). A single-process run (``single_spec``) takes RecBole's own
 code path unchanged.
 
@@ -64,17 +64,18 @@ def on_rank_zero(function, *args, **kwargs):
     waiting for a file that was never written."""
     if not active():
         return function(*args, **kwargs)
-    outcome = (None, None)
+    outcome, failure = (None, None), None
     if rank() == 0:
         try:
             outcome = (function(*args, **kwargs), None)
-        except Exception as error:  # re-raised below, on every rank
-            outcome = (None, error)
-    result, error = broadcast(outcome)
-    if error is not None:
-        if rank() == 0:
-            raise error
-        raise RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+        except Exception as error:  # re-raised below; the others get its text (errors may not pickle)
+            failure = error
+            outcome = (None, f"{type(error).__name__}: {error}")
+    result, message = broadcast(outcome)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed: {message}")
     return result
 
 
