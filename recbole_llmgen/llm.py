@@ -123,15 +123,22 @@ def _dequantize_to_cache(source: ModelSource, target: Path, trust_remote_code: b
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # transformers 5 writes model files only on torch.distributed rank 0 when a process group is up;
+    # this cache is per machine, so every rank that needs it must be able to write it
+    model.should_save_on_this_rank = lambda is_main_process=True: True
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if not (staging / "config.json").is_file():
+            raise OSError(f"de-quantizing {source.gguf_file}: save_pretrained wrote no config.json in {staging}")
+        if target.is_dir() and not (target / "config.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete folder left by an older version
         os.replace(staging, target)  # atomic: a crash never leaves a half-written cache
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if not target.is_dir():
+        if not (target / "config.json").is_file():  # another process may have finished it first
             raise
 
 

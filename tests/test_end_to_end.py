@@ -49,3 +49,23 @@ def test_bundled_model_recommends_with_explanations(cache_dir):
     frame = recommend("196", topk=3, dataset="ml-100k", config_dict=config, explain=True)
     assert len(frame) == 3 and frame["item_id"].is_unique
     assert all(len(e.split()) >= 3 for e in frame["explanation"])
+
+
+def test_gguf_cache_is_written_on_any_rank_and_repaired_when_incomplete(tmp_path, monkeypatch):
+    """transformers 5's save_pretrained writes nothing on a torch.distributed rank other than 0; the
+    cache once ended up with tokenizer files only, which every later load then failed on."""
+    import transformers.distributed.mixin as mixin
+
+    from recbole_llmgen.llm import load_llm
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    load_llm("bundled:smollm2", cache_dir=tmp_path)  # as rank 1
+    (cached,) = [p for p in tmp_path.iterdir() if p.name.startswith("SmolLM2-135M-Instruct.Q4_1-")]
+    assert (cached / "config.json").is_file() and (cached / "model.safetensors").is_file()
+    # what the bug left behind: a folder with the tokenizer only
+    (cached / "config.json").unlink()
+    (cached / "model.safetensors").unlink()
+    model, _ = load_llm("bundled:smollm2", cache_dir=tmp_path)
+    assert (cached / "config.json").is_file() and model.config.model_type == "llama"
+    assert [p.name for p in tmp_path.iterdir()] == [cached.name]  # no staging folder left behind
