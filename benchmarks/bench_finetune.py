@@ -56,9 +56,18 @@ def main() -> None:
         row = {}
         loaders = {}
         for protocol, mode in protocols.items():
-            cfg = {**common, **config_dict, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": mode}}
+            cfg = {
+                **common,
+                **config_dict,
+                "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": mode},
+            }
             config, train_data, valid_data, test_data = prepare(model, args.dataset, cfg)
-            loaders[protocol] = (config, train_data, valid_data, sample_users(test_data, args.eval_users, config["seed"]))
+            loaders[protocol] = (
+                config,
+                train_data,
+                valid_data,
+                sample_users(test_data, args.eval_users, config["seed"]),
+            )
         config, train_data, valid_data, _ = loaders["full"]
         start = time.perf_counter()
         model_obj = build_model(config, train_data)
@@ -98,7 +107,13 @@ def main() -> None:
         print(name, row, flush=True)
 
     run("Pop", "Pop", {}, train=True, valid_users=None)
-    run("SASRec", "SASRec", {"train_neg_sample_args": None, "epochs": args.sasrec_epochs, "stopping_step": 3}, True, None)
+    run(
+        "SASRec",
+        "SASRec",
+        {"train_neg_sample_args": None, "epochs": args.sasrec_epochs, "stopping_step": 3},
+        True,
+        None,
+    )
     llm = {"llm_train_examples_per_user": args.examples_per_user}
     run("LLMGen zero-shot", "LLMGen", {**llm, "train_mode": "none"}, train=False, valid_users=None)
     run("LLMGen LoRA", "LLMGen", {**llm, "train_mode": "lora", "epochs": args.epochs}, True, args.eval_users)

@@ -60,9 +60,11 @@ def main() -> None:
     prompts = [model.build_prompt(h, c) for h, c in zip(histories, candidates)]
     conts = [[model.item_token_ids[i] for i in c] for c in candidates]
     n = len(prompts)
-    print(f"{n} users, K={args.candidates}, mean prompt {sum(map(len, prompts)) / n:.0f} tokens, "
-          f"mean item text {sum(len(t) for c in conts for t in c) / (n * args.candidates):.1f} tokens, "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"{n} users, K={args.candidates}, mean prompt {sum(map(len, prompts)) / n:.0f} tokens, "
+        f"mean item text {sum(len(t) for c in conts for t in c) / (n * args.candidates):.1f} tokens, "
+        f"threads={torch.get_num_threads()}"
+    )
 
     scoring.shared_prefix_scores(model.llm, prompts[0], conts[0])  # warm-up
 

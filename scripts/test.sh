@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # nothing phones home
 .venv/bin/ruff check recbole_llmgen tests benchmarks
+.venv/bin/ruff format --check recbole_llmgen tests benchmarks
 .venv/bin/python -m pytest -q "$@"
