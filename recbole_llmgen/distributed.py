@@ -99,15 +99,15 @@ def _init_device(self):
     gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, (tuple, list)) else str(gpu_id)
     cfg["gpu_id"] = gpu_id
     nproc = int(cfg.get("nproc") or 1)
-    use_cuda = bool(cfg.get("use_gpu", True)) and gpu_id != "" and torch.cuda.is_available()
-    if use_cuda:
-        gpus = [g for g in gpu_id.split(",") if g.strip() != ""]
-        if len(gpus) < nproc:
-            raise ValueError(
-                f"nproc: {nproc} processes need {nproc} GPUs listed in gpu_id, got gpu_id: {gpu_id!r}; "
-                f"list them (e.g. gpu_id: '{','.join(map(str, range(nproc)))}') or set use_gpu: False for CPU (gloo)"
-            )
+    wants_gpu = bool(cfg.get("use_gpu", True)) and gpu_id != ""
+    if wants_gpu:  # before CUDA is first touched in this process, as RecBole does
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+    use_cuda = wants_gpu and torch.cuda.is_available()
+    if use_cuda and len([g for g in gpu_id.split(",") if g.strip() != ""]) < nproc:
+        raise ValueError(
+            f"nproc: {nproc} processes need {nproc} GPUs listed in gpu_id, got gpu_id: {gpu_id!r}; "
+            f"list them (e.g. gpu_id: '{','.join(map(str, range(nproc)))}') or set use_gpu: False for CPU (gloo)"
+        )
     local_rank = int(cfg["local_rank"])
     world_size = int(cfg["world_size"])
     global_rank = local_rank + int(cfg.get("offset") or 0)

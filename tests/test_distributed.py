@@ -238,6 +238,7 @@ def test_too_few_gpus_for_nproc_is_named(odd_config, monkeypatch):
 
     from recbole_llmgen.quick_start import recbole_argv
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # restored afterwards (the check sets it)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # checked before any process group or GPU call
     config = dict(odd_config, local_rank=0, nproc=2, world_size=2, ip="localhost", port=free_port(), offset=0)
     with (
