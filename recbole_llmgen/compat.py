@@ -6,6 +6,8 @@ plugin needs to make it run sits here and is applied once by :func:`apply` (call
 
 * numpy 2 removed aliases (``np.float_``, ``np.complex_``, ``np.unicode_``, ``np.bool8``) that
   ``Config.compatibility_settings`` and ray 2.6.3 read: we restore the missing ones only.
+* RecBole's metrics read ``np.float`` (and its Config sets ``np.int``, ``np.float``... on every
+  construction): set once at import too, for processes that only unpickle a Config.
 * pandas 3 changes string and copy-on-write semantics RecBole relies on: pinned ``pandas<3``,
   checked here with a clear message.
 * ray 2.6.3 (imported by ``recbole.quick_start``) imports ``pkg_resources``, removed in
@@ -84,6 +86,15 @@ def restore_numpy_aliases() -> list[str]:
     return added
 
 
+def set_recbole_numpy_aliases() -> None:
+    """The aliases RecBole's metrics use (``np.float`` in NDCG/MAP...), set as its own ``Config``
+    sets them on every construction. A process that never builds a Config (``load_data_and_model``
+    unpickles one, then ``Trainer.evaluate``) would otherwise fail in the evaluator."""
+    from recbole.config import Config
+
+    Config.compatibility_settings(None)  # it does not use self
+
+
 @contextlib.contextmanager
 def trusted_torch_load() -> Iterator[None]:
     """Within this block ``torch.load`` defaults to ``weights_only=False``.
@@ -149,6 +160,7 @@ def apply() -> None:
         return
     check_versions()
     restore_numpy_aliases()
+    set_recbole_numpy_aliases()
     patch_checkpoint_loading()
     undo_global_anomaly_detection()
     from recbole_llmgen import distributed

@@ -12,6 +12,20 @@ def test_numpy_aliases_restored():
     assert np.bool is np.bool_
 
 
+def test_recbole_metrics_run_in_a_process_that_never_built_a_config():
+    """``load_data_and_model`` then ``evaluate`` builds no Config: RecBole's NDCG reads ``np.float``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import recbole_llmgen, numpy as np\n"
+        "from recbole.evaluator.metrics import NDCG\n"
+        "hits = np.array([[True, False]]); print(NDCG.metric_info(None, hits, np.array([1]))[0, 1])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out) == 1.0
+
+
 def test_recbole_config_runs_on_numpy_2():
     from recbole.config import Config
 

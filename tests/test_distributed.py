@@ -46,16 +46,27 @@ def test_two_processes_give_the_one_process_metrics_exactly(odd_config, protocol
     assert 0 < one["test_result"]["hit@10"]  # not a vacuous equality
 
 
-def test_builtin_model_runs_on_two_processes(odd_config, tmp_path):
+@pytest.mark.parametrize("model", ["BPR", "SASRec"])
+def test_builtin_model_trains_on_two_processes(odd_config, tmp_path, model):
     from recbole.quick_start import load_data_and_model
+
+    from recbole_llmgen.quick_start import recbole_argv
 
     config = dict(odd_config, epochs=2, train_batch_size=8, load_col=None)
     config["eval_args"] = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}
-    result = _run(config, 2, model="BPR", saved=True)
+    if model == "SASRec":
+        config.update(train_neg_sample_args=None, hidden_size=16, inner_size=32, n_layers=1, n_heads=1)
+    result = _run(config, 2, model=model, saved=True)
     assert set(result["test_result"]) >= {"ndcg@10", "hit@10"}
-    (checkpoint,) = list((tmp_path / "saved").glob("BPR-*.pth"))  # one file, written by rank 0
-    loaded = load_data_and_model(str(checkpoint))
-    assert loaded[1].__class__.__name__ == "BPR"
+    (checkpoint,) = list((tmp_path / "saved").glob(f"{model}-*.pth"))  # one file, written by rank 0
+    with recbole_argv():
+        loaded_config, loaded, _, _, _, test_data = load_data_and_model(str(checkpoint))
+    assert type(loaded).__name__ == model
+    # the file holds the trained weights: one process evaluating it gets the 2-process test metrics
+    from recbole.utils import get_trainer
+
+    trainer = get_trainer(loaded_config["MODEL_TYPE"], model)(loaded_config, loaded)
+    assert trainer.evaluate(test_data, load_best_model=False) == result["test_result"]
 
 
 def test_merge_rows_restores_batch_order_and_refuses_gaps_or_repeats():
