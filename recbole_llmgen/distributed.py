@@ -166,7 +166,7 @@ def merge_rows(per_rank: list[list[tuple[int, dict]]]) -> dict:
 
     Each batch must occur once; a batch reported twice or missing is an error (it would count
     users twice or drop them)."""
-    batches = sorted((index, rows) for shard in per_rank for index, rows in shard)
+    batches = sorted(((index, rows) for shard in per_rank for index, rows in shard), key=lambda batch: batch[0])
     indices = [index for index, _ in batches]
     if indices != list(range(len(indices))):
         raise RuntimeError(f"evaluation shards do not partition the batches: got batch indices {indices}")

@@ -78,7 +78,7 @@ def test_merge_rows_restores_batch_order_and_refuses_gaps_or_repeats():
     merged = merge_rows([[(0, rows(1, 2)), (2, rows(5))], [(1, rows(3, 4))]])
     assert merged["rec.topk"].flatten().tolist() == [1, 2, 3, 4, 5]
     with pytest.raises(RuntimeError, match="partition"):
-        merge_rows([[(0, rows(1))], [(0, rows(1))]])  # a batch counted twice
+        merge_rows([[(0, rows(1, 2))], [(0, rows(3, 4))]])  # a batch counted twice
     with pytest.raises(RuntimeError, match="partition"):
         merge_rows([[(0, rows(1))], [(2, rows(1))]])  # batch 1 missing
 
