@@ -168,12 +168,10 @@ def _worker(spec_path: str, result_path: str) -> None:
 
 def _rank_worker(local_rank: int, spec: dict, result_path: str, port: str) -> None:
     """One of ``spec['nproc']`` processes (same metrics as one, see ``distributed``); rank 0 writes."""
-    import torch
-
-    from recbole_llmgen.distributed import cpu_threads_per_rank, rank_config
+    from recbole_llmgen.distributed import rank_config, share_cpus
 
     nproc = int(spec["nproc"])
-    torch.set_num_threads(cpu_threads_per_rank(nproc))
+    share_cpus(nproc)
     row = run_one({**spec, "config": rank_config(spec["config"], local_rank, nproc, port)})
     if local_rank == 0:
         with open(result_path, "w", encoding="utf-8") as f:

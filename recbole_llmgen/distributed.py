@@ -295,7 +295,7 @@ def _save_checkpoint(self, epoch, verbose=True, **kwargs):
 def sync_gradients_next_backward(trainer) -> torch.Tensor | int:
     """Arm DDP's all-reduce for the next backward pass; returns a zero to add to that loss so every
     trainable parameter takes part (RecBole's own pattern). 0 when not distributed."""
-    if getattr(trainer, "distributed_model", None) is None or not active(trainer.config):
+    if getattr(trainer, "distributed_model", None) is None:  # set only by a multi-process trainer
         return 0
     trainer.set_reduce_hook()
     return trainer.sync_grad_loss()
@@ -360,22 +360,32 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def rank_config(config_dict: dict, local_rank: int, nproc: int, port: str) -> dict:
-    """``config_dict`` for rank ``local_rank`` of a one-machine run of ``nproc`` processes."""
+def rank_config(
+    config_dict: dict,
+    local_rank: int,
+    nproc: int,
+    port: str,
+    world_size: int | None = None,
+    ip: str = "localhost",
+    group_offset: int = 0,
+) -> dict:
+    """``config_dict`` for rank ``local_rank`` of ``nproc`` on this machine (ranks ``group_offset`` ..
+    of ``world_size``, default ``nproc``, meeting at ``ip:port``): the keys RecBole's Config reads."""
     return {
         **config_dict,
         "local_rank": local_rank,
-        "world_size": nproc,
+        "world_size": world_size or nproc,
         "nproc": nproc,
-        "ip": "localhost",
+        "ip": ip,
         "port": str(port),
-        "offset": 0,
+        "offset": group_offset,
     }
 
 
-def cpu_threads_per_rank(nproc: int) -> int:
-    """Cores per process when ``nproc`` ranks share this machine's CPUs."""
-    return max(1, (os.cpu_count() or 1) // max(1, nproc))
+def share_cpus(nproc: int) -> None:
+    """Give this rank its share of the machine's cores (``nproc`` ranks), unless OMP_NUM_THREADS says."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, nproc)))
 
 
 def _spawned(local_rank, model, dataset, config_file_list, config_dict, saved, queue):
@@ -385,15 +395,13 @@ def _spawned(local_rank, model, dataset, config_file_list, config_dict, saved, q
     import recbole_llmgen  # noqa: F401  (registers LLMGen and installs the fixes in this process)
     from recbole_llmgen.quick_start import recbole_argv
 
-    config_dict = {**config_dict, "local_rank": local_rank}
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cpu_threads_per_rank(int(config_dict["nproc"])))
+    share_cpus(int(config_dict["nproc"]))
     with recbole_argv():
         quick_start.run_recbole(
             model=model,
             dataset=dataset,
             config_file_list=config_file_list,
-            config_dict=config_dict,
+            config_dict={**config_dict, "local_rank": local_rank},
             saved=saved,
             queue=queue,
         )
@@ -404,14 +412,7 @@ def spawn_run(model, dataset, config_file_list, config_dict, saved, nproc, world
     world_size); returns the result of this machine's first rank."""
     import torch.multiprocessing as mp
 
-    config_dict = {
-        **config_dict,
-        "world_size": world_size,
-        "ip": ip,
-        "port": str(port),
-        "nproc": nproc,
-        "offset": group_offset,
-    }
+    config_dict = rank_config(config_dict, 0, nproc, port, world_size, ip, group_offset)  # local_rank: per rank
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_spawned, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
