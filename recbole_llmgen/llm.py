@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,12 +91,65 @@ def resolve_llm_path(llm_path: str) -> ModelSource:
     return ModelSource(llm_path, is_hub_id=True)
 
 
-def resolve_dtype(llm_dtype: str, device: torch.device | str) -> torch.dtype:
-    if llm_dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if llm_dtype not in DTYPES:
+# CPU features with which oneDNN runs bf16 matrix products natively (fast): AVX512-BF16 and AMX.
+FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags the kernel reports (Linux), or an empty set where it says none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_fast_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU computes bf16 matrix products natively (avx512_bf16 or AMX on x86)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in FAST_BF16_CPU_FLAGS)
+
+
+def resolve_dtype(
+    llm_dtype: str, device: torch.device | str, train_mode: str = "none", fast_bf16: bool | None = None
+) -> torch.dtype:
+    """The dtype the LLM's weights are stored in.
+
+    ``auto``: bf16 on CUDA; on a CPU with native bf16 (``fast_bf16``, detected when None) bf16
+    as well, except for ``train_mode: full``, whose trainable weights stay fp32 (training then
+    computes in bf16 under autocast); fp32 on other CPUs, where bf16 is emulated and slow.
+    """
+    if llm_dtype != "auto" and llm_dtype not in DTYPES:
         raise ValueError(f"llm_dtype: {llm_dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
+    kind = torch.device(device).type
+    fast = (cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16) if kind == "cpu" else kind == "cuda"
+    if llm_dtype == "auto":
+        dtype = torch.bfloat16 if fast and not (kind == "cpu" and train_mode == "full") else torch.float32
+        logger.info(
+            "llm_dtype: auto -> %s on %s (%s)",
+            str(dtype).removeprefix("torch."),
+            kind,
+            "native bf16" if fast else "no native bf16: fp32",
+        )
+        return dtype
+    if llm_dtype == "bfloat16" and kind == "cpu" and not fast:
+        warnings.warn(
+            "llm_dtype: bfloat16 on a CPU without native bf16 (no avx512_bf16 or AMX flag): matrix products "
+            "are emulated and may run several times slower than fp32; set llm_dtype: float32 (or auto)",
+            stacklevel=2,
+        )
     return DTYPES[llm_dtype]
+
+
+def autocast_dtype(device: torch.device | str, fast_bf16: bool | None = None) -> torch.dtype | None:
+    """The dtype training computes in under autocast: bf16 on CUDA and on a CPU with native bf16."""
+    kind = torch.device(device).type
+    if kind == "cuda" or (kind == "cpu" and (cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16)):
+        return torch.bfloat16
+    return None
 
 
 def default_cache_dir() -> Path:
@@ -148,12 +202,13 @@ def load_llm(
     llm_dtype: str = "auto",
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
+    train_mode: str = "none",
 ):
-    """Load ``(model, tokenizer)`` in eval mode with frozen weights on ``device``."""
+    """Load ``(model, tokenizer)`` in eval mode with frozen weights on ``device`` (dtype: :func:`resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_llm_path(llm_path)
-    dtype = resolve_dtype(llm_dtype, device)
+    dtype = resolve_dtype(llm_dtype, device, train_mode)
     folder = source.folder
     if source.gguf_file is not None:
         cached = _gguf_cache_folder(source, Path(cache_dir) if cache_dir else default_cache_dir())

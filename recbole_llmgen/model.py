@@ -19,7 +19,7 @@ from recbole.utils import InputType
 
 from recbole_llmgen import candidates as cand
 from recbole_llmgen import finetune, generation, scoring, text, two_stage
-from recbole_llmgen.llm import load_llm
+from recbole_llmgen.llm import autocast_dtype, load_llm
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,12 @@ class LLMGen(SequentialRecommender):
         self.max_history_items = positive_int(config, "max_history_items")
         self.max_item_text_tokens = positive_int(config, "max_item_text_tokens")
         self.verbalizer_permutations = positive_int(config, "verbalizer_permutations")
-        self.llm_score_batch_size = positive_int(config, "llm_score_batch_size")
+        if "llm_score_batch_size" in config.final_config_dict:
+            raise ValueError(
+                "llm_score_batch_size: replaced by llm_score_batch_tokens (packed tokens per scoring pass, "
+                f"several users share one); remove it, e.g. llm_score_batch_tokens: {scoring.DEFAULT_BATCH_TOKENS}"
+            )
+        self.llm_score_batch_tokens = positive_int(config, "llm_score_batch_tokens")
         self.num_beams = positive_int(config, "num_beams")
         self.generation_users_per_batch = positive_int(config, "generation_users_per_batch")
         self.generation_constraint = choice(config, "generation_constraint", GENERATION_CONSTRAINTS)
@@ -156,8 +161,12 @@ class LLMGen(SequentialRecommender):
             llm_dtype=config["llm_dtype"],
             cache_dir=config["llm_cache_dir"],
             trust_remote_code=bool(config["trust_remote_code"]),
+            train_mode=self.train_mode,
         )
         object.__setattr__(self, "llm", llm)
+        # training computes in bf16 where the hardware does (CUDA, CPUs with native bf16) unless the
+        # user asked for fp32; trainable weights stay fp32 (peft upcasts adapters, full keeps fp32)
+        self.autocast_dtype = None if config["llm_dtype"] == "float32" else autocast_dtype(self.device)
         self.base_fingerprint = finetune.fingerprint(llm, config["llm_path"])
         peft_model = finetune.make_trainable(llm, self.train_mode, self.lora, bool(config["gradient_checkpointing"]))
         object.__setattr__(self, "peft_model", peft_model)  # for save_pretrained exports; not a submodule
@@ -405,30 +414,47 @@ class LLMGen(SequentialRecommender):
 
     def score_candidates(self, history: list[int], candidate_ids: list[int], user_key: int = 0) -> torch.Tensor:
         """LLM scores of ``candidate_ids`` for one user's history. [K], higher is better."""
+        return self.score_candidates_batch([history], [candidate_ids], [user_key])[0]
+
+    def score_candidates_batch(
+        self, histories: list[list[int]], candidate_lists: list[list[int]], user_keys: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """:meth:`score_candidates` for several users in few forward passes: one [K_u] per user."""
+        user_keys = user_keys if user_keys is not None else [0] * len(histories)
         if self.score_method in ("likelihood", "generate"):  # a beam's score is the likelihood
-            prompt = self.build_prompt(history, candidate_ids)
-            scores = scoring.shared_prefix_scores(
+            prompts = [self.build_prompt(h, c) for h, c in zip(histories, candidate_lists)]
+            results = scoring.score_continuations(
                 self.llm,
-                prompt,
-                [self.item_token_ids[i] for i in candidate_ids],
-                self.llm_score_batch_size,
+                prompts,
+                [[self.item_token_ids[i] for i in c] for c in candidate_lists],
                 shared=self.shared_prefix(),
+                batch_tokens=self.llm_score_batch_tokens,
+                pad_id=self.tokenizer.pad_token_id,
             )
         else:
-            scores = torch.zeros(len(candidate_ids))
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(user_key))
-            for _ in range(self.verbalizer_permutations):
-                order = torch.randperm(len(candidate_ids), generator=generator).tolist()
-                shown = [candidate_ids[i] for i in order]
-                prompt = self.build_prompt(history, shown)
-                label_scores = scoring.verbalizer_scores(
-                    self.llm, prompt, self.label_token_ids[: len(shown)], shared=self.shared_prefix()
-                )
-                scores[order] += label_scores
-            scores /= self.verbalizer_permutations
+            prompts, labels, orders = [], [], []
+            for history, candidate_ids, user_key in zip(histories, candidate_lists, user_keys):
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(user_key))
+                for _ in range(self.verbalizer_permutations):
+                    order = torch.randperm(len(candidate_ids), generator=generator).tolist()
+                    prompts.append(self.build_prompt(history, [candidate_ids[i] for i in order]))
+                    labels.append(self.label_token_ids[: len(order)])
+                    orders.append(order)
+            label_scores = scoring.verbalizer_scores_batch(
+                self.llm, prompts, labels, self.shared_prefix(), self.llm_score_batch_tokens
+            )
+            results, n = [], self.verbalizer_permutations
+            for u, candidate_ids in enumerate(candidate_lists):
+                scores = torch.zeros(len(candidate_ids))
+                for k in range(u * n, (u + 1) * n):
+                    scores[orders[k]] += label_scores[k]
+                results.append(scores / n)
         if self.popularity_prior:
-            scores = scores + self.popularity_prior * torch.log1p(self.item_counts[candidate_ids].float())
-        return scores
+            results = [
+                s + self.popularity_prior * torch.log1p(self.item_counts[c].float())
+                for s, c in zip(results, candidate_lists)
+            ]
+        return results
 
     # ------------------------------------------------------------------ candidates
     def candidate_model(self):
@@ -527,12 +553,16 @@ class LLMGen(SequentialRecommender):
             key = (int(users[row]) if users is not None else 0, history)
             groups.setdefault(key, []).append(row)
         scores = torch.empty(len(items))
+        keys, ordered_ids, ordered_rows = [], [], []
         for (user, history), rows in groups.items():
             candidate_ids = [int(items[r]) for r in rows]
             ordered = sorted(range(len(rows)), key=lambda j: candidate_ids[j])  # canonical order
-            result = self.score_candidates(list(history), [candidate_ids[j] for j in ordered], user)
-            for position, j in enumerate(ordered):
-                scores[rows[j]] = result[position]
+            keys.append((user, list(history)))
+            ordered_ids.append([candidate_ids[j] for j in ordered])
+            ordered_rows.append([rows[j] for j in ordered])
+        results = self.score_candidates_batch([h for _, h in keys], ordered_ids, [u for u, _ in keys])
+        for result, rows in zip(results, ordered_rows):
+            scores[rows] = result
         return scores.to(self.device)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
@@ -545,16 +575,19 @@ class LLMGen(SequentialRecommender):
             return self._generate_full_sort(item_seq, item_seq_len, retrieval)
         candidate_ids = cand.top_candidates(retrieval, self.num_candidates)  # [B, K]
         llm_scores = torch.full(candidate_ids.shape, -math.inf)
+        batch, histories, lists, keys = [], [], [], []
         for b in range(len(candidate_ids)):
             valid = candidate_ids[b][retrieval[b, candidate_ids[b]] > -math.inf].tolist()
-            if not valid:
-                continue
-            ordered = sorted(valid)  # canonical order, the same as predict's
-            result = self.score_candidates(
-                item_seq[b, : item_seq_len[b]].tolist(), ordered, int(users[b]) if users is not None else 0
-            )
+            if valid:
+                batch.append(b)
+                histories.append(item_seq[b, : item_seq_len[b]].tolist())
+                lists.append(sorted(valid))  # canonical order, the same as predict's
+                keys.append(int(users[b]) if users is not None else 0)
+        results = self.score_candidates_batch(histories, lists, keys) if batch else []
+        for b, ordered, result in zip(batch, lists, results):
             lookup = dict(zip(ordered, result.tolist()))
-            llm_scores[b, : len(valid)] = torch.tensor([lookup[i] for i in candidate_ids[b][: len(valid)].tolist()])
+            n = len(ordered)
+            llm_scores[b, :n] = torch.tensor([lookup[i] for i in candidate_ids[b][:n].tolist()])
         return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
 
     @torch.no_grad()

@@ -84,7 +84,7 @@ class LLMGenTrainer(Trainer):
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         micro = self.model.llm_train_batch_size
-        autocast = self.device.type == "cuda"  # bf16 compute; LoRA weights stay fp32
+        autocast = self.model.autocast_dtype  # bf16 compute on CUDA / native-bf16 CPUs; trainable weights fp32
         total = 0.0
         if distributed.active(self.config) and train_data.shuffle:
             train_data.sampler.set_epoch(epoch_idx)  # each rank its own shard, reshuffled every epoch
@@ -101,7 +101,7 @@ class LLMGenTrainer(Trainer):
             starts = range(0, rows, micro)
             for start in starts:
                 part = interaction[torch.arange(start, min(start + micro, rows))]
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                     loss = loss_func(part) * (len(part) / rows)
                 self._check_nan(loss)
                 batch_loss += loss.item()

@@ -71,7 +71,7 @@ def tiny_llm_path(tmp_path_factory, tokenizer) -> str:
 def tiny_llm(tiny_llm_path):
     from recbole_llmgen.llm import load_llm
 
-    return load_llm(tiny_llm_path)
+    return load_llm(tiny_llm_path, llm_dtype="float32")
 
 
 def write_toy_dataset(root: Path, name: str = "toy", titles: list[str] | None = None, n_users: int = N_USERS) -> Path:
@@ -106,6 +106,7 @@ def toy_config_dict(toy_root, tiny_llm_path, cache_dir) -> dict:
         "data_path": str(toy_root),
         "llm_path": tiny_llm_path,
         "llm_cache_dir": str(cache_dir),
+        "llm_dtype": "float32",  # exact comparisons; the bf16 path has its own tests
         "num_candidates": 5,
         "show_progress": False,
         "eval_batch_size": 4,

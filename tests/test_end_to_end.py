@@ -42,6 +42,25 @@ def test_bundled_model_prefers_the_right_movie(cache_dir):
     assert scores[0] > scores[1]
 
 
+def test_bundled_model_in_bf16_ranks_like_fp32(cache_dir):
+    """bf16 weights (auto on a CPU with native bf16) keep the fp32 ranking of candidates."""
+    from scipy.stats import spearmanr
+
+    from recbole_llmgen import scoring
+    from recbole_llmgen.llm import load_llm
+
+    titles = ["Return of the Jedi (1983)", "Kolya (1996)", "Toy Story (1995)", "Aliens (1986)", "Fargo (1996)"]
+    titles += ["Heat (1995)", "Babe (1995)", "Casablanca (1942)", "Scream (1996)", "Contact (1997)"]
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tokenizer = load_llm("bundled:smollm2", cache_dir=cache_dir, llm_dtype=dtype)
+        prompt = tokenizer("Movies watched:\nStar Wars (1977)\nThe Empire Strikes Back (1980)\n")["input_ids"]
+        conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in titles]
+        scores[dtype] = scoring.shared_prefix_scores(model, prompt, conts)
+    assert (scores["float32"] - scores["bfloat16"]).abs().max() < 0.5
+    assert spearmanr(scores["float32"].numpy(), scores["bfloat16"].numpy()).statistic > 0.9
+
+
 def test_bundled_model_recommends_with_explanations(cache_dir):
     from recbole_llmgen import recommend
 

@@ -88,6 +88,26 @@ def test_predict_agrees_with_full_sort_predict(toy_config_dict, score_method):
     assert torch.allclose(predicted, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("score_method", ["likelihood", "verbalizer"])
+def test_users_sharing_a_pass_score_as_one_user_at_a_time(toy_config_dict, score_method):
+    config = dict(toy_config_dict, score_method=score_method, verbalizer_permutations=2)
+    _, one, _, _, test_data = build(dict(config, llm_score_batch_tokens=1))  # a row per candidate, alone
+    _, many, *_ = build(dict(config, llm_score_batch_tokens=100_000))  # every user in one pass
+    batch = _first_batch(test_data)
+    assert torch.allclose(one.full_sort_predict(batch), many.full_sort_predict(batch), atol=1e-5)
+    histories = [batch[one.ITEM_SEQ][r, : batch[one.ITEM_SEQ_LEN][r]].tolist() for r in range(len(batch))]
+    lists = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]][: len(histories)]
+    keys = batch[one.USER_ID].tolist()[: len(lists)]
+    batched = many.score_candidates_batch(histories[: len(lists)], lists, keys)
+    for history, items, key, got in zip(histories, lists, keys, batched):
+        assert torch.allclose(got, one.score_candidates(history, items, key), atol=1e-5)
+
+
+def test_the_old_batch_size_key_is_named(toy_config_dict):
+    with pytest.raises(ValueError, match="llm_score_batch_size: replaced by llm_score_batch_tokens"):
+        build(dict(toy_config_dict, llm_score_batch_size=64))
+
+
 def test_text_candidates(toy_config_dict):
     _, model, _, _, test_data = build(dict(toy_config_dict, candidate_source="text"))
     batch = _first_batch(test_data)
@@ -127,6 +147,7 @@ def test_popularity_prior_adds_log_count(toy_config_dict):
         ("num_candidates", 31, r"num_candidates: 31 exceeds the number of items in the dataset \(30\)"),
         ("prompt_template", "no placeholder", r"prompt_template: must contain '\{history\}'"),
         ("llm_dtype", "int3", r"llm_dtype: 'int3' is not allowed"),
+        ("llm_score_batch_tokens", 0, r"llm_score_batch_tokens: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_values_are_named(toy_config_dict, key, value, message):
