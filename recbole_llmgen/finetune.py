@@ -113,19 +113,21 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[t
 def target_token_nll(llm, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int):
     """Mean negative log-probability of each target's tokens after its prompt. [B]
 
-    Only the target tokens are scored: the prompt is context, never a label.
+    Only the target tokens are scored: the prompt is context, never a label. Logits are computed
+    only at the positions that predict a target token (a 2-D boolean ``logits_to_keep``: one
+    contiguous [N, hidden] block through the output layer; slicing the last positions of a
+    batch instead makes torch copy the output weight once per row in training).
     """
     device = llm.device
     ids, mask, positions = left_pad([list(p) + list(t) for p, t in zip(prompts, targets)], pad_id, device)
-    longest = max(len(t) for t in targets)
-    # logits of the last `longest + 1` positions; position j predicts token j + 1
-    logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=longest + 1).logits
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, longest, V]
-    losses = []
+    width = ids.shape[1]
+    keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
     for row, target in enumerate(targets):
-        picked = logprobs[row, longest - len(target) :].gather(1, torch.tensor(target, device=device)[:, None])
-        losses.append(-picked.mean())
-    return torch.stack(losses)
+        keep[row, width - len(target) - 1 : width - 1] = True  # position j predicts token j + 1
+    logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits  # [N, V]
+    tokens = torch.tensor([token for target in targets for token in target], device=device)
+    picked = F.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]  # [N]
+    return torch.stack([-part.mean() for part in picked.split([len(t) for t in targets])])
 
 
 def label_cross_entropy(
@@ -133,7 +135,9 @@ def label_cross_entropy(
 ):
     """Cross-entropy of the target label among the shown candidates' labels, per example. [B]"""
     ids, mask, positions = left_pad(prompts, pad_id, llm.device)
-    logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+    keep = torch.zeros(ids.shape, dtype=torch.bool, device=llm.device)
+    keep[:, -1] = True  # the next token after each prompt (see target_token_nll on why a mask)
+    logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits  # [B, V]
     label_logits = logits[:, list(label_ids)].float()  # [B, K]
     return F.cross_entropy(label_logits, torch.tensor(list(targets), device=llm.device), reduction="none")
 

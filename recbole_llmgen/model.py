@@ -8,6 +8,7 @@ optimizer and ``state_dict()`` never see it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -242,6 +243,23 @@ class LLMGen(SequentialRecommender):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._shared_prefix = None  # cached KV of the old weights
         return result
+
+    @contextlib.contextmanager
+    def training_precision(self):
+        """Where training's forward and loss run: under bf16 autocast when ``autocast_dtype`` is set
+        (trainable weights stay fp32); peft's cast of each LoRA input to the adapter's fp32 is then
+        skipped, since autocast casts it back to bf16 anyway (two copies of every activation saved)."""
+        if self.autocast_dtype is None:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            if self.peft_model is None:
+                yield
+                return
+            from peft.helpers import disable_input_dtype_casting
+
+            with disable_input_dtype_casting(self.llm):
+                yield
 
     def train(self, mode: bool = True):
         """Also switches the LLM (outside the module tree) between train and eval mode."""

@@ -28,7 +28,8 @@ class LLMGenTrainer(Trainer):
       early stopping on ``valid_metric``, best checkpoint) over each user's most recent
       ``llm_train_examples_per_user`` examples. Each RecBole batch (``train_batch_size`` rows) is
       one optimizer step, accumulated over micro-batches of ``llm_train_batch_size`` rows; bf16
-      autocast on CUDA. ``checkpoint: PATH`` resumes training from a saved checkpoint.
+      autocast on CUDA and on CPUs with native bf16 (``LLMGen.training_precision``). ``checkpoint: PATH``
+      resumes training from a saved checkpoint.
     """
 
     def __init__(self, config, model):
@@ -84,7 +85,6 @@ class LLMGenTrainer(Trainer):
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         micro = self.model.llm_train_batch_size
-        autocast = self.model.autocast_dtype  # bf16 compute on CUDA / native-bf16 CPUs; trainable weights fp32
         total = 0.0
         if distributed.active(self.config) and train_data.shuffle:
             train_data.sampler.set_epoch(epoch_idx)  # each rank its own shard, reshuffled every epoch
@@ -101,7 +101,7 @@ class LLMGenTrainer(Trainer):
             starts = range(0, rows, micro)
             for start in starts:
                 part = interaction[torch.arange(start, min(start + micro, rows))]
-                with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                with self.model.training_precision():  # bf16 autocast on CUDA / native-bf16 CPUs
                     loss = loss_func(part) * (len(part) / rows)
                 self._check_nan(loss)
                 batch_loss += loss.item()
