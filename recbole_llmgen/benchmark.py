@@ -11,6 +11,7 @@ classic model (by ``valid_metric``) unless ``candidate_source`` is given. Writes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,6 +22,8 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+
+from recbole_llmgen import per_user
 
 DEFAULT_MODELS = ("Pop", "BPR", "SASRec", "LLMGen")
 PROTOCOLS = ("full", "uni19", "uni100")
@@ -107,8 +110,12 @@ def run_one(spec: dict) -> dict:
     )
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    with keep_struct(trainer) as kept:
+        test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     eval_seconds = time.perf_counter() - start
+    if spec.get("users_file") and _is_writer():
+        values = per_user.per_user_values(kept["struct"], trainer.evaluator, config["topk"])
+        per_user.write_users(spec["users_file"], per_user.users_in_order(test_data), "test", values)
     frozen = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad) if hasattr(model, "llm") else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
@@ -128,6 +135,30 @@ def run_one(spec: dict) -> dict:
         "torch_threads": torch.get_num_threads(),
         "processes": int(spec.get("nproc", 1)),
     }
+
+
+@contextlib.contextmanager
+def keep_struct(trainer):
+    """Keeps the data struct RecBole's evaluator is given (per-user top-k positions) in ``kept``."""
+    kept = {}
+    evaluate = trainer.evaluator.evaluate
+
+    def keeping(struct):
+        kept["struct"] = struct
+        return evaluate(struct)
+
+    trainer.evaluator.evaluate = keeping
+    try:
+        yield kept
+    finally:
+        del trainer.evaluator.evaluate  # the class's method again
+
+
+def _is_writer() -> bool:
+    """One process writes files: the only one, or rank 0 of a multi-process run."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def run_safely(spec: dict) -> dict:
@@ -244,6 +275,7 @@ def run_benchmark(
             if best is not None:
                 config["candidate_source"] = best["model_file"]
         spec = {"model": model, "dataset": dataset, "config": config, "config_files": config_files}
+        spec["users_file"] = os.path.abspath(os.path.join(out, "runs", f"{model}{per_user.SUFFIX}"))
         if model == "LLMGen" and llm_valid:
             spec["llm_valid"] = True
         if model == "LLMGen" and llm_nproc > 1:
@@ -251,7 +283,12 @@ def run_benchmark(
         digest = run_hash(spec)
         record = os.path.join(out, "runs", f"{model}.json")
         previous = _read(record)
-        if previous and previous.get("hash") == digest and previous.get("status") == "ok":
+        if (
+            previous
+            and previous.get("hash") == digest
+            and previous.get("status") == "ok"
+            and os.path.isfile(spec["users_file"])  # a row from before per-user files runs again
+        ):
             log(f"[{index}/{len(ordered)}] {model}: finished before with the same config, reused")
             rows.append(previous)
             continue
@@ -297,9 +334,60 @@ def _label(row: dict) -> str:
     return f"LLMGen (reranks {source}{f'; {processes} processes' if processes > 1 else ''})"
 
 
+INTERVAL_METRICS = ("ndcg@10", "hit@10")
+
+
+def add_intervals(rows: list[dict], out: str) -> None:
+    """Per row: users evaluated and 95% bootstrap intervals of test NDCG@10 / Hit@10; per LLMGen
+    row: the paired interval of its difference to the best classic model (by validation, as for
+    its candidates). Every model of the run must have evaluated the same users."""
+    frames = {}
+    for row in rows:
+        path = os.path.join(out, "runs", f"{row['model']}{per_user.SUFFIX}")
+        if row.get("status") == "ok" and os.path.isfile(path):
+            frames[row["model"]] = per_user.read_users(path)
+    if frames:
+        first, reference = next(iter(frames.items()))
+        for model, frame in frames.items():
+            per_user.aligned(reference, frame, frame.columns[0], (first, model))  # same users, or a named error
+    best = best_classic(rows)
+    for row in rows:
+        frame = frames.get(row["model"])
+        if frame is None:
+            continue
+        row["users"] = len(frame)
+        for metric in INTERVAL_METRICS:
+            if metric in frame.columns:
+                low, high = per_user.bootstrap_interval(frame[metric].to_numpy(float))
+                row[f"test_{metric}_low"], row[f"test_{metric}_high"] = round(low, 4), round(high, 4)
+        if row["model"] == "LLMGen" and best is not None and best["model"] in frames:
+            row["compared_to"] = best["model"]
+            for metric in INTERVAL_METRICS:
+                mean, low, high = per_user.paired_difference(*per_user.aligned(frame, frames[best["model"]], metric))
+                row[f"diff_{metric}"], row[f"diff_{metric}_low"], row[f"diff_{metric}_high"] = (
+                    round(mean, 4),
+                    round(low, 4),
+                    round(high, 4),
+                )
+
+
+def _interval(row: dict, key: str) -> str:
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    return "-" if low is None or high is None else f"[{low:.4f}, {high:.4f}]"
+
+
+def _difference(row: dict, metric: str) -> str:
+    if row.get(f"diff_{metric}") is None:
+        return "-"
+    low, high = row[f"diff_{metric}_low"], row[f"diff_{metric}_high"]
+    mark = " *" if low > 0 or high < 0 else ""
+    return f"{row[f'diff_{metric}']:+.4f} [{low:+.4f}, {high:+.4f}] vs {row['compared_to']}{mark}"
+
+
 def write_outputs(rows: list[dict], out: str, meta: dict) -> None:
     import pandas as pd
 
+    add_intervals(rows, out)
     frame = pd.DataFrame(rows)
     frame.insert(0, "label", [_label(r) for r in rows])
     frame.to_csv(os.path.join(out, "benchmark.csv"), index=False)
@@ -320,20 +408,25 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     head = (
         f"Dataset {meta['dataset']}, protocol {meta['protocol']} (leave-one-out, time order), "
         f"RecBole evaluator. Valid = best validation epoch; test = that checkpoint. A zero-shot LLMGen "
-        f"selects nothing on the valid split and is not evaluated there (valid '-'; --llm-valid does).\n\n"
-        "| model | test NDCG@10 | test Hit@10 | test MRR@10 | valid NDCG@10 | valid Hit@10 | train s | test eval s "
-        "| peak MB | trainable / total params | status |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        f"selects nothing on the valid split and is not evaluated there (valid '-'; --llm-valid does). "
+        f"[low, high]: 95% bootstrap interval over the evaluated users ({per_user.RESAMPLES} resamples, "
+        f"seed {per_user.SEED}); LLMGen's difference to the best classic model (by validation) is paired "
+        f"(the same resampled users for both); * = the interval excludes 0.\n\n"
+        "| model | users | test NDCG@10 [95% CI] | test Hit@10 [95% CI] | test MRR@10 | valid NDCG@10 | valid Hit@10 "
+        "| NDCG@10 difference [95% CI] | train s | test eval s | peak MB | trainable / total params | status |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         ok = r.get("status") == "ok"
         params = f"{r.get('trainable_parameters', 0):,} / {r.get('total_parameters', 0):,}" if ok else "-"
         status = "ok" if ok else f"failed: {str(r.get('error', ''))[:120]}"
+        ndcg = f"{_cell(r.get('test_ndcg@10'))} {_interval(r, 'test_ndcg@10')}" if ok else "-"
+        hit = f"{_cell(r.get('test_hit@10'))} {_interval(r, 'test_hit@10')}" if ok else "-"
         lines.append(
-            f"| {_label(r)} | {_cell(r.get('test_ndcg@10'))} | {_cell(r.get('test_hit@10'))} | "
+            f"| {_label(r)} | {_cell(r.get('users'))} | {ndcg} | {hit} | "
             f"{_cell(r.get('test_mrr@10'))} | {_cell(r.get('valid_ndcg@10'))} | {_cell(r.get('valid_hit@10'))} | "
-            f"{_cell(r.get('train_seconds'), 1)} | {_cell(r.get('eval_seconds'), 1)} | "
+            f"{_difference(r, 'ndcg@10')} | {_cell(r.get('train_seconds'), 1)} | {_cell(r.get('eval_seconds'), 1)} | "
             f"{_cell(r.get('peak_memory_mb'), 0)} | {params} | {status} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -353,9 +446,15 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     width = 0.4
     for shift, metric in ((-width / 2, "test_ndcg@10"), (width / 2, "test_hit@10")):
         values = [r.get(metric) or 0.0 for r in rows]
-        bars = axes[0].bar([p + shift for p in positions], values, width, label=metric.replace("test_", ""))
+        errors = [
+            [max(0.0, v - r.get(f"{metric}_low", v)) for v, r in zip(values, rows)],
+            [max(0.0, r.get(f"{metric}_high", v) - v) for v, r in zip(values, rows)],
+        ]  # 95% bootstrap intervals (0 where a row has none)
+        bars = axes[0].bar(
+            [p + shift for p in positions], values, width, yerr=errors, capsize=3, label=metric.replace("test_", "")
+        )
         axes[0].bar_label(bars, fmt="%.3f", fontsize=7)
-    axes[0].set_title(f"Quality (test, {meta['protocol']})")
+    axes[0].set_title(f"Quality (test, {meta['protocol']}; 95% intervals)")
     axes[0].legend()
     seconds = [(r.get("train_seconds") or 0.0) + (r.get("eval_seconds") or 0.0) for r in rows]
     bars = axes[1].bar(positions, seconds, color="tab:orange")

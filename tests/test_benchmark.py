@@ -96,8 +96,12 @@ def test_llmgen_in_two_processes_gives_the_same_row(toy_config_dict, tmp_path):
     run = lambda nproc, **extra: benchmark.run_benchmark(  # noqa: E731
         "toy", ["Pop", "LLMGen"], "full", None, _overrides(toy_config_dict, **extra), out,
         log=lambda m: None, llm_nproc=nproc)  # fmt: skip
+    users = os.path.join(out, "runs", "LLMGen.users.csv")
     one = run(1)[1]
+    users_one = open(users, encoding="utf-8").read()
+    os.remove(users)
     two = run(2)[1]  # Pop reused, LLMGen rerun in two processes
+    assert open(users, encoding="utf-8").read() == users_one  # written once (rank 0), every user, same values
     assert two["status"] == "ok" and two["processes"] == 2 and one["processes"] == 1
     assert {k: v for k, v in two.items() if k.startswith("test_")} == {
         k: v for k, v in one.items() if k.startswith("test_")
