@@ -5,8 +5,11 @@ dataset, leave-one-out split in time order, seed and columns. Each model runs in
 (a crash or an out-of-memory kill fails that row only, and its peak memory is its own); its
 result is kept in ``OUT/runs/<model>.json`` with a hash of everything that defines the run, so a
 rerun with the same OUT skips finished models. LLMGen reranks the candidates of the run's best
-classic model (by ``valid_metric``) unless ``candidate_source`` is given. Writes
-``OUT/benchmark.csv``, ``OUT/benchmark.md`` and ``OUT/benchmark.png``.
+classic model (by ``valid_metric``) unless ``candidate_source`` is given. Each model's per-user
+test metrics go to ``OUT/runs/<model>.users.csv``; the table gives bootstrap intervals over
+users and, per LLMGen row, the paired interval of its difference to the best classic model
+(:mod:`recbole_llmgen.per_user`). Writes ``OUT/benchmark.csv``, ``OUT/benchmark.md`` and
+``OUT/benchmark.png``.
 """
 
 from __future__ import annotations
@@ -115,7 +118,8 @@ def run_one(spec: dict) -> dict:
     eval_seconds = time.perf_counter() - start
     if spec.get("users_file") and _is_writer():
         values = per_user.per_user_values(kept["struct"], trainer.evaluator, config["topk"])
-        per_user.write_users(spec["users_file"], per_user.users_in_order(test_data), "test", values)
+        users, targets = per_user.users_in_order(test_data)
+        per_user.write_users(spec["users_file"], users, "test", values, targets)
     frozen = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad) if hasattr(model, "llm") else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
@@ -340,7 +344,7 @@ INTERVAL_METRICS = ("ndcg@10", "hit@10")
 def add_intervals(rows: list[dict], out: str) -> None:
     """Per row: users evaluated and 95% bootstrap intervals of test NDCG@10 / Hit@10; per LLMGen
     row: the paired interval of its difference to the best classic model (by validation, as for
-    its candidates). Every model of the run must have evaluated the same users."""
+    its candidates). Every model of the run must have evaluated the same users on the same targets."""
     frames = {}
     for row in rows:
         path = os.path.join(out, "runs", f"{row['model']}{per_user.SUFFIX}")
@@ -349,7 +353,7 @@ def add_intervals(rows: list[dict], out: str) -> None:
     if frames:
         first, reference = next(iter(frames.items()))
         for model, frame in frames.items():
-            per_user.aligned(reference, frame, frame.columns[0], (first, model))  # same users, or a named error
+            per_user.same_evaluation(reference, frame, (first, model))  # same users and targets, or a named error
     best = best_classic(rows)
     for row in rows:
         frame = frames.get(row["model"])

@@ -37,36 +37,49 @@ def per_user_values(struct, evaluator, topk: Sequence[int]) -> dict[str, np.ndar
     return values
 
 
-def users_in_order(loader) -> list[str]:
-    """The user token of each row of the collected struct, in RecBole's evaluation order.
+def users_in_order(loader) -> tuple[list[str], list[str]]:
+    """The user token and the target item tokens (space-joined, sorted) of each row of the
+    collected struct, in RecBole's evaluation order.
 
     Full ranking: one row per row of each batch's interaction (a user, or a user's test target in
     sequential splits). Sampled protocols (uni19, ...): one row per user of the batch, numbered by
-    the batch's ``row_idx``.
+    the batch's ``row_idx``. A row's targets are the batch's ``positive_i`` where ``positive_u``
+    names that row.
     """
     dataset = loader._dataset
     field = dataset.uid_field
     tokens = dataset.field2id_token[field]
-    users = []
+    item_tokens = dataset.field2id_token[dataset.iid_field]
+    users, targets = [], []
     for batch in loader:
-        interaction, row_idx = batch[0], batch[1]
+        interaction, row_idx, positive_u, positive_i = batch
         ids = interaction[field].cpu().numpy()
         if row_idx is not None and not isinstance(row_idx, tuple):  # sampled: several rows per user
             rows = row_idx.cpu().numpy()
             first = np.unique(rows, return_index=True)[1]
             ids = ids[first]
-        users.extend(str(tokens[i]) for i in ids)
-    return users
+        positive_u, positive_i = positive_u.cpu().numpy(), positive_i.cpu().numpy()
+        for row, user in enumerate(ids):
+            users.append(str(tokens[user]))
+            targets.append(" ".join(sorted(str(item_tokens[i]) for i in positive_i[positive_u == row])))
+    return users, targets
 
 
-def write_users(path: str, users: Sequence[str], split: str, values: dict[str, np.ndarray]) -> None:
-    """``user_id, split, <metric>...`` one row per evaluated row; written to a temporary file first."""
+def write_users(
+    path: str, users: Sequence[str], split: str, values: dict[str, np.ndarray], targets: Sequence[str] | None = None
+) -> None:
+    """``user_id, split, targets, <metric>...``, one row per evaluated row (``targets``: the test
+    items' tokens, so runs on another split are told apart); written to a temporary file first."""
     import pandas as pd
 
     lengths = {len(v) for v in values.values()}
     if lengths != {len(users)}:
         raise ValueError(f"per-user values: {sorted(lengths)} rows of metrics for {len(users)} users")
-    frame = pd.DataFrame({"user_id": list(users), "split": split, **{k: v for k, v in values.items()}})
+    frame = pd.DataFrame({"user_id": list(users), "split": split})
+    if targets is not None:
+        frame["targets"] = list(targets)
+    for name, column in values.items():
+        frame[name] = column
     tmp = f"{path}.tmp"
     frame.to_csv(tmp, index=False)
     os.replace(tmp, path)
@@ -87,19 +100,15 @@ def read_users(run: str, split: str = "test"):
             f"per-user file: {path!r} does not exist; a benchmark run writes DIR/runs/MODEL{SUFFIX} for each model "
             "(rerun the benchmark with this version to get it)"
         )
-    frame = pd.read_csv(path, dtype={"user_id": str})
+    frame = pd.read_csv(path, dtype={"user_id": str, "targets": str}, keep_default_na=False)
     frame = frame[frame["split"] == split]
     if frame["user_id"].duplicated().any():
         frame = frame.assign(user_id=frame["user_id"] + "#" + frame.groupby("user_id").cumcount().astype(str))
     return frame.set_index("user_id").drop(columns="split")
 
 
-def aligned(a, b, metric: str, names: tuple[str, str] = ("A", "B")) -> tuple[np.ndarray, np.ndarray]:
-    """The two runs' values of ``metric`` on the same users, in one order; a named error when the
-    runs evaluated different users or lack the metric."""
-    for frame, name in zip((a, b), names):
-        if metric not in frame.columns:
-            raise ValueError(f"metric: {metric!r} was not computed in {name}; it has {', '.join(frame.columns)}")
+def same_evaluation(a, b, names: tuple[str, str] = ("A", "B")) -> None:
+    """A named error unless both runs evaluated the same users on the same target items."""
     only_a, only_b = a.index.difference(b.index), b.index.difference(a.index)
     if len(only_a) or len(only_b):
         raise ValueError(
@@ -107,6 +116,24 @@ def aligned(a, b, metric: str, names: tuple[str, str] = ("A", "B")) -> tuple[np.
             f"{len(only_a)} only in {names[0]}, e.g. {list(only_a[:3])}, {len(only_b)} only in {names[1]}, "
             f"e.g. {list(only_b[:3])}): compare runs on the same split and filtering"
         )
+    if "targets" in a.columns and "targets" in b.columns:
+        differ = a.index[a["targets"].to_numpy() != b.loc[a.index, "targets"].to_numpy()]
+        if len(differ):
+            raise ValueError(
+                f"{names[0]} and {names[1]} evaluated the same users on different target items ({len(differ)} "
+                f"users, e.g. {differ[0]!r}: {a.loc[differ[0], 'targets']!r} against "
+                f"{b.loc[differ[0], 'targets']!r}): compare runs on the same split"
+            )
+
+
+def aligned(a, b, metric: str, names: tuple[str, str] = ("A", "B")) -> tuple[np.ndarray, np.ndarray]:
+    """The two runs' values of ``metric`` on the same users, in one order; a named error when the
+    runs evaluated different users or targets, or lack the metric."""
+    for frame, name in zip((a, b), names):
+        if metric not in frame.columns or metric == "targets":
+            metrics = [c for c in frame.columns if c != "targets"]
+            raise ValueError(f"metric: {metric!r} was not computed in {name}; it has {', '.join(metrics)}")
+    same_evaluation(a, b, names)
     order = a.index
     return a.loc[order, metric].to_numpy(float), b.loc[order, metric].to_numpy(float)
 

@@ -37,8 +37,9 @@ def test_per_user_values_reproduce_recbole_and_give_intervals(toy_config_dict, t
     for row in rows:
         frame = per_user.read_users(os.path.join(out, "runs", row["model"]))
         assert row["users"] == len(frame) > 0
-        users = users if users is not None else set(frame.index)
-        assert set(frame.index) == users  # the same users for every model (general and sequential loaders)
+        users = users if users is not None else frame["targets"].to_dict()
+        assert frame["targets"].to_dict() == users  # the same users and targets for every model and loader kind
+        assert all(t for t in frame["targets"])
         for metric in ("ndcg@10", "hit@10", "mrr@10", "recall@10"):
             assert round(frame[metric].mean(), 4) == row[f"test_{metric}"]  # RecBole's own average
         assert row["test_ndcg@10_low"] <= row["test_ndcg@10"] <= row["test_ndcg@10_high"]
@@ -82,3 +83,17 @@ def test_rows_on_different_users_are_an_error(tmp_path):
         rows.append({"model": model, "status": "ok"})
     with pytest.raises(ValueError, match="Pop and BPR evaluated different users"):
         benchmark.add_intervals(rows, str(tmp_path))
+
+
+def test_same_users_on_other_targets_are_an_error(tmp_path):
+    users = ["u1", "u2"]
+    for name, targets in (("A", ["i1", "i2"]), ("B", ["i1", "i9"])):
+        path = str(tmp_path / f"{name}{per_user.SUFFIX}")
+        per_user.write_users(path, users, "test", {"ndcg@10": np.ones(2)}, targets)
+    a, b = per_user.read_users(str(tmp_path / "A")), per_user.read_users(str(tmp_path / "B"))
+    with pytest.raises(
+        ValueError, match=r"same users on different target items \(1 users, e.g. 'u2': 'i2' against 'i9'"
+    ):
+        per_user.aligned(a, b, "ndcg@10")
+    with pytest.raises(ValueError, match="metric: 'targets' was not computed"):
+        per_user.aligned(a, a, "targets")
