@@ -30,10 +30,12 @@ from recbole_llmgen import per_user
 
 DEFAULT_MODELS = ("Pop", "BPR", "SASRec", "LLMGen")
 PROTOCOLS = ("full", "uni19", "uni100")
-# Laptop-sized defaults (the default run fits in ~15 minutes on 2 CPU cores); any --key=value wins.
-# On 2 cores a SASRec epoch over ml-100k's ~99k training sequences takes ~2 minutes.
+# Defaults (the default run fits in ~8 minutes on 2 CPU cores); any --key=value wins. Cheap models
+# train until validation stops improving (RecBole's early stopping: `stopping_step` epochs without a
+# better valid_metric, `epochs` a cap they do not reach); expensive sequential ones are capped (on 2
+# cores a SASRec epoch over ml-100k's ~99k training sequences takes ~100 s) and labelled so.
 MODEL_DEFAULTS = {
-    "BPR": {"epochs": 20, "stopping_step": 3},
+    "BPR": {"epochs": 300, "stopping_step": 10},
     "SASRec": {"epochs": 3, "stopping_step": 2, "train_neg_sample_args": None},
     "GRU4Rec": {"epochs": 3, "stopping_step": 2, "train_neg_sample_args": None},
     "LLMGen": {"num_candidates": 10, "max_history_items": 5},
@@ -108,8 +110,13 @@ def run_one(spec: dict) -> dict:
     # a zero-shot LLM selects nothing on the valid split: skipping it halves its cost (opt in: llm_valid)
     zero_shot = getattr(model, "train_mode", None) == "none" and not spec.get("llm_valid", False)
     start = time.perf_counter()
+    scores: list[tuple[int, float]] = []  # (epoch, valid score) of every validation
     best_valid_score, best_valid = trainer.fit(
-        train_data, None if zero_shot else valid_data, saved=True, show_progress=False
+        train_data,
+        None if zero_shot else valid_data,
+        saved=True,
+        show_progress=False,
+        callback_fn=lambda epoch, score: scores.append((epoch, float(score))),
     )
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -138,7 +145,31 @@ def run_one(spec: dict) -> dict:
         "model_file": trainer.saved_model_file if os.path.isfile(trainer.saved_model_file) else "",
         "torch_threads": torch.get_num_threads(),
         "processes": int(spec.get("nproc", 1)),
+        **training_record(trainer, config, scores),
     }
+
+
+def training_record(trainer, config, scores: list[tuple[int, float]]) -> dict:
+    """How a model was trained: epochs run, the cap, the best validation epoch, and whether
+    training ended by early stopping (``validation``), by reaching the cap (``cap``: possibly
+    underfit), in RecBole's single pass of a traditional model (``one pass``: Pop, ItemKNN...) or
+    trained nothing (``none``: zero-shot, or a resumed run already at its cap)."""
+    from recbole.utils import ModelType
+
+    epochs = len(getattr(trainer, "train_loss_dict", None) or {})
+    cap = int(getattr(trainer, "epochs", None) or config["epochs"])  # RecBole's TraditionalTrainer forces 1
+    best = None
+    if scores:
+        bigger = getattr(trainer, "valid_metric_bigger", True)
+        target = (max if bigger else min)(score for _, score in scores)
+        best = [epoch for epoch, score in scores if score == target][-1]  # RecBole's `>=`: the last tie is kept
+    if epochs == 0:
+        stopped = "none"
+    elif config["MODEL_TYPE"] == ModelType.TRADITIONAL:
+        stopped = "one pass"  # Pop, ItemKNN, EASE...: fitted in one pass over the data, nothing to stop
+    else:
+        stopped = "validation" if scores and epochs < cap else "cap"
+    return {"epochs_trained": epochs, "epoch_cap": cap, "best_epoch": best, "stopped_by": stopped}
 
 
 @contextlib.contextmanager
@@ -260,6 +291,10 @@ def run_benchmark(
 
     overrides = dict(overrides or {})
     split_args(protocol)
+    for key, meaning in (("epochs", "the epoch cap"), ("stopping_step", "epochs without improvement before stopping")):
+        value = overrides.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}: expected an integer >= 1 ({meaning}), got {value!r}")
     if isinstance(llm_nproc, bool) or not isinstance(llm_nproc, int) or llm_nproc < 1:
         raise ValueError(f"llm_nproc: expected a number of processes >= 1, got {llm_nproc!r}")
     known = known_model_names()
@@ -331,11 +366,16 @@ def _write_json(path: str, value) -> None:
 
 
 def _label(row: dict) -> str:
+    if row.get("stopped_by") == "cap" and row.get("epoch_cap"):
+        capped = f"capped at {row['epoch_cap']} epoch{'s' if row['epoch_cap'] != 1 else ''}"
+        if row["model"] != "LLMGen":
+            return f"{row['model']} ({capped})"
     if row["model"] != "LLMGen" or not row.get("candidate_source"):
         return row["model"]
     source = os.path.basename(str(row["candidate_source"])).split("-")[0]
     processes = row.get("processes") or 1
-    return f"LLMGen (reranks {source}{f'; {processes} processes' if processes > 1 else ''})"
+    capped = f"; capped at {row['epoch_cap']} epochs" if row.get("stopped_by") == "cap" else ""
+    return f"LLMGen (reranks {source}{f'; {processes} processes' if processes > 1 else ''}{capped})"
 
 
 INTERVAL_METRICS = ("ndcg@10", "hit@10")
@@ -373,6 +413,15 @@ def add_intervals(rows: list[dict], out: str) -> None:
                     round(low, 4),
                     round(high, 4),
                 )
+
+
+def _trained(row: dict) -> str:
+    if row.get("stopped_by") is None:
+        return "-"
+    if row["stopped_by"] == "none":
+        return "0 / zero-shot" if row.get("trainable_parameters") == 0 else "0 / none"
+    best = "" if row.get("best_epoch") is None else f" ({row['best_epoch'] + 1})"
+    return f"{row['epochs_trained']}{best} / {row['stopped_by']} (cap {row['epoch_cap']})"
 
 
 def _interval(row: dict, key: str) -> str:
@@ -417,8 +466,9 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         f"seed {per_user.SEED}); LLMGen's difference to the best classic model (by validation) is paired "
         f"(the same resampled users for both); * = the interval excludes 0.\n\n"
         "| model | users | test NDCG@10 [95% CI] | test Hit@10 [95% CI] | test MRR@10 | valid NDCG@10 | valid Hit@10 "
-        "| NDCG@10 difference [95% CI] | train s | test eval s | peak MB | trainable / total params | status |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| NDCG@10 difference [95% CI] | epochs (best) / stopped by | train s | test eval s | peak MB "
+        "| trainable / total params | status |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -430,7 +480,8 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {_label(r)} | {_cell(r.get('users'))} | {ndcg} | {hit} | "
             f"{_cell(r.get('test_mrr@10'))} | {_cell(r.get('valid_ndcg@10'))} | {_cell(r.get('valid_hit@10'))} | "
-            f"{_difference(r, 'ndcg@10')} | {_cell(r.get('train_seconds'), 1)} | {_cell(r.get('eval_seconds'), 1)} | "
+            f"{_difference(r, 'ndcg@10')} | {_trained(r)} | {_cell(r.get('train_seconds'), 1)} | "
+            f"{_cell(r.get('eval_seconds'), 1)} | "
             f"{_cell(r.get('peak_memory_mb'), 0)} | {params} | {status} |"
         )
     return head + "\n".join(lines) + "\n"

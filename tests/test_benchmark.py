@@ -113,3 +113,57 @@ def test_llmgen_in_two_processes_gives_the_same_row(toy_config_dict, tmp_path):
     )
     with pytest.raises(ValueError, match="llm_nproc: expected a number of processes >= 1, got 0"):
         run(0)
+
+
+def test_rows_say_how_each_model_was_trained(toy_config_dict, tmp_path):
+    out = str(tmp_path / "bench")
+    overrides = _overrides(toy_config_dict, epochs=30, stopping_step=2)
+    overrides.pop("epochs")  # Pop, BPR: the defaults (cap 300, stopping 10 there; 2 here); SASRec: capped
+    rows = benchmark.run_benchmark("toy", ["Pop", "BPR", "SASRec", "LLMGen"], "full", None,
+                                   overrides, out, log=lambda m: None,
+                                   runner=benchmark.run_in_process)  # fmt: skip
+    by_model = {r["model"]: r for r in rows}
+    bpr = by_model["BPR"]
+    assert bpr["epoch_cap"] == 300 and bpr["stopped_by"] == "validation"  # early stopping ended it, not the cap
+    # RecBole stops at the (stopping_step + 1)-th epoch without a better valid score after the best one
+    assert bpr["epochs_trained"] == bpr["best_epoch"] + 1 + 3
+    sasrec = by_model["SASRec"]
+    assert sasrec["epoch_cap"] == 3 and sasrec["epochs_trained"] == 3 and sasrec["stopped_by"] == "cap"
+    llm = by_model["LLMGen"]
+    assert llm["epochs_trained"] == 0 and llm["stopped_by"] == "none"
+    assert by_model["Pop"]["stopped_by"] == "one pass" and by_model["Pop"]["epoch_cap"] == 1
+    markdown = open(os.path.join(out, "benchmark.md"), encoding="utf-8").read()
+    assert "| SASRec (capped at 3 epochs) |" in markdown and "| BPR |" in markdown
+    assert f"{bpr['epochs_trained']} ({bpr['best_epoch'] + 1}) / validation (cap 300)" in markdown
+    assert "0 / zero-shot" in markdown
+
+
+def test_training_record():
+    class Fake:
+        train_loss_dict = {0: 1.0, 1: 0.5, 2: 0.4}
+        valid_metric_bigger = True
+
+    from recbole.utils import ModelType
+
+    config = {"epochs": 3, "MODEL_TYPE": ModelType.GENERAL}
+    assert benchmark.training_record(Fake(), config, [(0, 0.1), (1, 0.3), (2, 0.3)]) == {
+        "epochs_trained": 3,
+        "epoch_cap": 3,
+        "best_epoch": 2,  # a tie replaces the best in RecBole's early stopping (>=): the last one
+        "stopped_by": "cap",
+    }
+    longer = {**config, "epochs": 10}
+    assert benchmark.training_record(Fake(), longer, [(0, 0.1), (1, 0.3), (2, 0.2)])["stopped_by"] == "validation"
+    traditional = {**config, "MODEL_TYPE": ModelType.TRADITIONAL}
+    assert benchmark.training_record(Fake(), traditional, [(0, 0.1)])["stopped_by"] == "one pass"
+    Fake.valid_metric_bigger = False  # a loss-like metric
+    assert benchmark.training_record(Fake(), config, [(0, 0.3), (1, 0.1), (2, 0.2)])["best_epoch"] == 1
+    Fake.train_loss_dict = {}
+    assert benchmark.training_record(Fake(), config, [])["stopped_by"] == "none"
+
+
+@pytest.mark.parametrize("key", ["epochs", "stopping_step"])
+def test_bad_epoch_settings_are_named(toy_config_dict, tmp_path, key):
+    with pytest.raises(ValueError, match=f"{key}: expected an integer >= 1"):
+        benchmark.run_benchmark("toy", ["Pop"], "full", None, _overrides(toy_config_dict, **{key: 0}),
+                                str(tmp_path), log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
