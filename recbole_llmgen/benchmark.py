@@ -314,7 +314,7 @@ def run_benchmark(
             if best is not None:
                 config["candidate_source"] = best["model_file"]
         spec = {"model": model, "dataset": dataset, "config": config, "config_files": config_files}
-        spec["users_file"] = os.path.abspath(os.path.join(out, "runs", f"{model}{per_user.SUFFIX}"))
+        spec["users_file"] = os.path.abspath(per_user.users_file(os.path.join(out, "runs", model)))
         if model == "LLMGen" and llm_valid:
             spec["llm_valid"] = True
         if model == "LLMGen" and llm_nproc > 1:
@@ -366,16 +366,14 @@ def _write_json(path: str, value) -> None:
 
 
 def _label(row: dict) -> str:
+    notes = []
+    if row["model"] == "LLMGen" and row.get("candidate_source"):
+        notes.append(f"reranks {os.path.basename(str(row['candidate_source'])).split('-')[0]}")
+        if (row.get("processes") or 1) > 1:
+            notes.append(f"{row['processes']} processes")
     if row.get("stopped_by") == "cap" and row.get("epoch_cap"):
-        capped = f"capped at {row['epoch_cap']} epoch{'s' if row['epoch_cap'] != 1 else ''}"
-        if row["model"] != "LLMGen":
-            return f"{row['model']} ({capped})"
-    if row["model"] != "LLMGen" or not row.get("candidate_source"):
-        return row["model"]
-    source = os.path.basename(str(row["candidate_source"])).split("-")[0]
-    processes = row.get("processes") or 1
-    capped = f"; capped at {row['epoch_cap']} epochs" if row.get("stopped_by") == "cap" else ""
-    return f"LLMGen (reranks {source}{f'; {processes} processes' if processes > 1 else ''}{capped})"
+        notes.append(f"capped at {row['epoch_cap']} epoch{'s' if row['epoch_cap'] != 1 else ''}")
+    return f"{row['model']} ({'; '.join(notes)})" if notes else row["model"]
 
 
 INTERVAL_METRICS = ("ndcg@10", "hit@10")
@@ -387,7 +385,7 @@ def add_intervals(rows: list[dict], out: str) -> None:
     its candidates). Every model of the run must have evaluated the same users on the same targets."""
     frames = {}
     for row in rows:
-        path = os.path.join(out, "runs", f"{row['model']}{per_user.SUFFIX}")
+        path = per_user.users_file(os.path.join(out, "runs", row["model"]))
         if row.get("status") == "ok" and os.path.isfile(path):
             frames[row["model"]] = per_user.read_users(path)
     if frames:

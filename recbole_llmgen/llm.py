@@ -125,7 +125,7 @@ def resolve_dtype(
     if llm_dtype != "auto" and llm_dtype not in DTYPES:
         raise ValueError(f"llm_dtype: {llm_dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
     kind = torch.device(device).type
-    fast = (cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16) if kind == "cpu" else kind == "cuda"
+    fast = _native_bf16(kind, fast_bf16)
     if llm_dtype == "auto":
         dtype = torch.bfloat16 if fast and not (kind == "cpu" and train_mode == "full") else torch.float32
         logger.info(
@@ -146,10 +146,14 @@ def resolve_dtype(
 
 def autocast_dtype(device: torch.device | str, fast_bf16: bool | None = None) -> torch.dtype | None:
     """The dtype training computes in under autocast: bf16 on CUDA and on a CPU with native bf16."""
-    kind = torch.device(device).type
-    if kind == "cuda" or (kind == "cpu" and (cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16)):
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if _native_bf16(torch.device(device).type, fast_bf16) else None
+
+
+def _native_bf16(kind: str, fast_bf16: bool | None) -> bool:
+    """CUDA, or a CPU with native bf16 (``fast_bf16``; detected when None). Other devices: no."""
+    if kind == "cpu":
+        return cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16
+    return kind == "cuda"
 
 
 def default_cache_dir() -> Path:

@@ -55,12 +55,6 @@ class SharedPrefix:
         n = len(self.ids)
         return len(prompt_ids) > n and list(prompt_ids[:n]) == self.ids
 
-    def split(self, prompt_ids: Sequence[int]):
-        """(cache copy, remaining ids) when the prompt extends this prefix, else (None, prompt)."""
-        if self.matches(prompt_ids):
-            return copy.deepcopy(self.cache), list(prompt_ids[len(self.ids) :])
-        return None, list(prompt_ids)
-
     def batch_cache(self, rows: int):
         """A copy of the cache repeated for ``rows`` rows (a forward pass appends to it)."""
         cache = copy.deepcopy(self.cache)
@@ -206,11 +200,13 @@ def score_continuations(
         offset = len(shared.ids) if shared is not None and shared.matches(prompt) else 0
         rest = list(prompt[offset:])
         chunk: list[int] = []
+        length = len(rest)  # of the row being filled (upper bound: no shared tree nodes counted)
         for i, cont in enumerate(conts):
-            if chunk and len(rest) + sum(len(conts[j]) - 1 for j in chunk) + len(cont) - 1 > batch_tokens:
+            if chunk and length + len(cont) - 1 > batch_tokens:
                 rows.append(_row(rest, offset, conts, chunk, user))
-                chunk = []
+                chunk, length = [], len(rest)
             chunk.append(i)
+            length += len(cont) - 1
         if chunk:
             rows.append(_row(rest, offset, conts, chunk, user))
     token_logprobs: list[list[torch.Tensor | None]] = [[None] * len(c) for c in continuations]
@@ -271,8 +267,6 @@ def shared_prefix_scores(
     shared: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """Log-probability of each continuation after one prompt (:func:`score_continuations`). [K]"""
-    if any(len(c) == 0 for c in continuations):
-        raise ValueError("shared_prefix_scores: every continuation needs at least one token")
     return score_continuations(model, [prompt_ids], [continuations], shared, batch_tokens, normalization)[0]
 
 

@@ -55,8 +55,7 @@ def test_shared_prefix_across_users_changes_nothing(tiny_llm):
     conts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["Heat (1995)", "Kolya (1996)"]]
     for history in ["Up (2009)", "Alien (1979)\nAliens (1986)"]:
         prompt = _prompt(tokenizer, head + history + "<|im_end|>\n<|im_start|>assistant\n")
-        cache, rest = shared.split(prompt)
-        assert cache is not None and len(rest) < len(prompt)
+        assert shared.matches(prompt)  # continues from the prefix's cache
         with_shared = scoring.shared_prefix_scores(model, prompt, conts, shared=shared)
         assert torch.allclose(with_shared, scoring.naive_scores(model, prompt, conts), atol=1e-4)
         labels = [tokenizer.encode(c, add_special_tokens=False)[0] for c in "AB"]
@@ -67,7 +66,7 @@ def test_shared_prefix_across_users_changes_nothing(tiny_llm):
         )
     # a prompt that does not start with the prefix is computed in full
     other = _prompt(tokenizer, "<|im_start|>system\nHi<|im_end|>\n")
-    assert shared.split(other)[0] is None
+    assert not shared.matches(other)
 
 
 def _users(tokenizer):
