@@ -49,9 +49,30 @@ def split_args(protocol: str) -> dict:
     return {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": protocol}
 
 
-def model_config(model: str, dataset: str, protocol: str, overrides: dict, out: str) -> dict:
-    """The config dict of one model: laptop defaults, then the user's overrides, then the shared
-    split and output folder (the same for every model, never overridden per model)."""
+def file_settings(path: str, model: str) -> dict:
+    """What a config file sets for ``model``: its top-level keys, then its own section (a section
+    for another model is not its business: changing it does not rerun this model)."""
+    import yaml
+
+    from recbole_llmgen.registry import model_sections
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    sections = model_sections(data)
+    return {**{k: v for k, v in data.items() if k not in sections}, **sections.get(model, {})}
+
+
+def file_keys(config_files: list[str] | None, model: str) -> set[str]:
+    """Keys the config files set for ``model``."""
+    return {key for path in config_files or [] for key in file_settings(path, model)}
+
+
+def model_config(
+    model: str, dataset: str, protocol: str, overrides: dict, out: str, config_files: list[str] | None = None
+) -> dict:
+    """The config dict of one model: laptop defaults (those the config files set for it left out:
+    a config dict would beat the files), then the user's overrides, then the shared split and output
+    folder (the same for every model, never overridden per model)."""
     from recbole_llmgen.quick_start import every_column_unless_set
 
     if model != "LLMGen":  # LLMGen's own keys mean nothing to other models: keep them out of their hash
@@ -59,7 +80,9 @@ def model_config(model: str, dataset: str, protocol: str, overrides: dict, out: 
 
         own_keys = llmgen_only_keys()
         overrides = {k: v for k, v in overrides.items() if k not in own_keys}
-    config = {**MODEL_DEFAULTS.get(model, {}), **overrides}
+    from_files = file_keys(config_files, model)
+    defaults = {k: v for k, v in MODEL_DEFAULTS.get(model, {}).items() if k not in from_files}
+    config = {**defaults, **overrides}
     config["eval_args"] = split_args(protocol)
     config["checkpoint_dir"] = os.path.join(out, "saved")
     config.setdefault("data_path", "datasets/")
@@ -68,10 +91,7 @@ def model_config(model: str, dataset: str, protocol: str, overrides: dict, out: 
 
 def run_hash(spec: dict) -> str:
     """Everything that defines a run: model, dataset, config dict, config files' text, candidates."""
-    files = []
-    for path in spec.get("config_files") or []:
-        with open(path, encoding="utf-8") as f:
-            files.append(f.read())
+    files = [file_settings(path, spec["model"]) for path in spec.get("config_files") or []]
     candidate = spec["config"].get("candidate_source")
     stamp = None
     if isinstance(candidate, str) and os.path.isfile(candidate):
@@ -108,7 +128,11 @@ def run_one(spec: dict) -> dict:
     model = build_model(config, train_data)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     # a zero-shot LLM selects nothing on the valid split: skipping it halves its cost (opt in: llm_valid)
-    zero_shot = getattr(model, "train_mode", None) == "none" and not spec.get("llm_valid", False)
+    zero_shot = (
+        getattr(model, "train_mode", None) == "none"
+        and getattr(model, "score_fusion", "none") == "none"  # auto chooses its weight there
+        and not spec.get("llm_valid", False)
+    )
     start = time.perf_counter()
     scores: list[tuple[int, float]] = []  # (epoch, valid score) of every validation
     best_valid_score, best_valid = trainer.fit(
@@ -129,9 +153,35 @@ def run_one(spec: dict) -> dict:
         per_user.write_users(spec["users_file"], users, "test", values, targets)
     frozen = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad) if hasattr(model, "llm") else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fused = getattr(model, "score_fusion", "none") != "none"
+    variants = []
+    if fused:  # the same trained model, its candidates ranked by the LLM alone (weight 1)
+        weight = model.fusion_weight
+        model.fusion_weight = 1.0
+        start = time.perf_counter()
+        with keep_struct(trainer) as kept_alone:
+            alone = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+        alone_seconds = time.perf_counter() - start
+        model.fusion_weight = weight
+        if spec.get("users_file") and _is_writer():
+            values = per_user.per_user_values(kept_alone["struct"], trainer.evaluator, config["topk"])
+            per_user.write_users(variant_users_file(spec["users_file"]), users, "test", values, targets)
+        valid_alone = best_fusion_results(trainer, scores).get(1.0) or {}
+        variants.append(
+            {
+                "variant": "LLM only",
+                **{f"valid_{k}": _number(v) for k, v in valid_alone.items()},
+                **{f"test_{k}": _number(v) for k, v in alone.items()},
+                "eval_seconds": round(alone_seconds, 1),
+                "fusion_weight": 1.0,
+            }
+        )
     return {
         "model": spec["model"],
         "status": "ok",
+        "variant": "fused" if fused else "",
+        "fusion_weight": getattr(model, "fusion_weight", None) if fused else None,
+        "variants": variants,
         "candidate_source": config["candidate_source"] if spec["model"] == "LLMGen" else "",
         "valid_metric": config["valid_metric"],
         "best_valid_score": _number(best_valid_score),
@@ -147,6 +197,21 @@ def run_one(spec: dict) -> dict:
         "processes": int(spec.get("nproc", 1)),
         **training_record(trainer, config, scores),
     }
+
+
+def variant_users_file(users_file: str) -> str:
+    """Per-user file of the LLM-only ranking of a fused LLMGen run."""
+    return users_file.removesuffix(per_user.SUFFIX) + ".llm-only" + per_user.SUFFIX
+
+
+def best_fusion_results(trainer, scores: list[tuple[int, float]]) -> dict:
+    """``{weight: valid result}`` of the validation whose checkpoint was kept (the last best)."""
+    history = getattr(trainer, "fusion_history", None) or []
+    if not history or len(history) != len(scores):
+        return history[-1] if history else {}
+    bigger = getattr(trainer, "valid_metric_bigger", True)
+    target = (max if bigger else min)(score for _, score in scores)
+    return history[[i for i, (_, score) in enumerate(scores) if score == target][-1]]
 
 
 def training_record(trainer, config, scores: list[tuple[int, float]]) -> dict:
@@ -263,6 +328,18 @@ def run_in_subprocess(spec: dict, log_path: str) -> dict:
         }
 
 
+def expand(row: dict) -> list[dict]:
+    """A run's row, then a row per variant (a fused LLMGen's LLM-only ranking), sharing its training."""
+    variants = row.get("variants") or []
+    shared = {k: v for k, v in row.items() if not k.startswith(("valid_", "test_")) and k != "variants"}
+    return [{k: v for k, v in row.items() if k != "variants"}] + [{**shared, **variant} for variant in variants]
+
+
+def row_name(row: dict) -> str:
+    """The model, plus the variant when one run gives several rows ("LLMGen", "LLMGen LLM only")."""
+    return f"{row['model']} {row['variant']}" if row.get("variant") and row["variant"] != "fused" else row["model"]
+
+
 def best_classic(rows: list[dict]) -> dict | None:
     done = [r for r in rows if r["model"] != "LLMGen" and r.get("status") == "ok" and r.get("model_file")]
     return max(done, key=lambda r: r.get("best_valid_score") or float("-inf")) if done else None
@@ -308,7 +385,7 @@ def run_benchmark(
     ordered = [m for m in models if m != "LLMGen"] + [m for m in models if m == "LLMGen"]
     rows: list[dict] = []
     for index, model in enumerate(ordered, 1):
-        config = model_config(model, dataset, protocol, overrides, out)
+        config = model_config(model, dataset, protocol, overrides, out, config_files)
         if model == "LLMGen" and "candidate_source" not in overrides:
             best = best_classic(rows)
             if best is not None:
@@ -329,7 +406,7 @@ def run_benchmark(
             and os.path.isfile(spec["users_file"])  # a row from before per-user files runs again
         ):
             log(f"[{index}/{len(ordered)}] {model}: finished before with the same config, reused")
-            rows.append(previous)
+            rows.extend(expand(previous))
             continue
         log(f"[{index}/{len(ordered)}] {model}: running (log: {os.path.join(out, 'runs', model + '.log')})")
         start = time.perf_counter()
@@ -337,7 +414,7 @@ def run_benchmark(
         row["hash"] = digest
         row["wall_seconds"] = round(time.perf_counter() - start, 1)
         _write_json(record, row)
-        rows.append(row)
+        rows.extend(expand(row))
         if row.get("status") == "ok":
             log(
                 f"    test ndcg@10 {row.get('test_ndcg@10')}, hit@10 {row.get('test_hit@10')} ({row['wall_seconds']} s)"
@@ -367,6 +444,12 @@ def _write_json(path: str, value) -> None:
 
 def _label(row: dict) -> str:
     notes = []
+    if row.get("variant") == "LLM only":
+        notes.append("LLM only")
+    elif row.get("variant") == "fused":
+        notes.append(f"fused, LLM weight {row.get('fusion_weight')}")
+    if row["model"] == "LLMGen" and (row.get("trainable_parameters") or 0) > 0:
+        notes.append("fine-tuned")
     if row["model"] == "LLMGen" and row.get("candidate_source"):
         notes.append(f"reranks {os.path.basename(str(row['candidate_source'])).split('-')[0]}")
         if (row.get("processes") or 1) > 1:
@@ -385,16 +468,18 @@ def add_intervals(rows: list[dict], out: str) -> None:
     its candidates). Every model of the run must have evaluated the same users on the same targets."""
     frames = {}
     for row in rows:
-        path = per_user.users_file(os.path.join(out, "runs", row["model"]))
+        path = os.path.abspath(per_user.users_file(os.path.join(out, "runs", row["model"])))
+        if row.get("variant") == "LLM only":
+            path = variant_users_file(path)
         if row.get("status") == "ok" and os.path.isfile(path):
-            frames[row["model"]] = per_user.read_users(path)
+            frames[row_name(row)] = per_user.read_users(path)
     if frames:
         first, reference = next(iter(frames.items()))
         for model, frame in frames.items():
             per_user.same_evaluation(reference, frame, (first, model))  # same users and targets, or a named error
     best = best_classic(rows)
     for row in rows:
-        frame = frames.get(row["model"])
+        frame = frames.get(row_name(row))
         if frame is None:
             continue
         row["users"] = len(frame)

@@ -78,3 +78,46 @@ def merge_scores(retrieval: torch.Tensor, candidate_ids: torch.Tensor, llm_score
     rows = torch.arange(batch).unsqueeze(1).expand_as(candidate_ids)
     merged[rows[valid], candidate_ids[valid]] = llm_scores[valid].to(merged.dtype)
     return merged
+
+
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's finite entries to mean 0, standard deviation 1 (a constant row to 0); -inf stays. [B, K]"""
+    valid = torch.isfinite(scores)
+    values = torch.where(valid, scores.double(), torch.zeros_like(scores, dtype=torch.float64))
+    count = valid.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = values.sum(dim=1, keepdim=True) / count
+    centred = torch.where(valid, values - mean, torch.zeros_like(values))
+    std = (centred.pow(2).sum(dim=1, keepdim=True) / count).sqrt()
+    z = torch.where(std > 0, centred / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(centred))
+    return torch.where(valid, z, torch.full_like(z, -math.inf))
+
+
+def fuse(llm_scores: torch.Tensor, candidate_scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight`` x standardized LLM score + (1 - weight) x standardized candidate-model score, both
+    within each user's candidate list. Weight 0 orders the candidates as the candidate model does,
+    1 as the LLM does; entries the LLM did not score (-inf) stay -inf. [B, K]"""
+    valid = torch.isfinite(llm_scores)
+    llm_z = standardize(llm_scores)
+    side_z = standardize(torch.where(valid, candidate_scores.double(), torch.full_like(llm_z, -math.inf)))
+    fused = weight * torch.where(valid, llm_z, 0.0) + (1.0 - weight) * torch.where(valid, side_z, 0.0)
+    return torch.where(valid, fused, torch.full_like(fused, -math.inf)).float()
+
+
+def items_per_user(dataset, uid: str, iid: str, seq_field: str, len_field: str) -> dict[int, list[int]]:
+    """Every item of each user's training split: the targets of its augmented rows and the history
+    of its first row (a sequential dataset), or its interactions (a general one)."""
+    feat = dataset.inter_feat
+    if uid not in feat or iid not in feat:
+        return {}
+    users, items = feat[uid].numpy(), feat[iid].numpy()
+    found: dict[int, set[int]] = {}
+    for user, item in zip(users.tolist(), items.tolist()):
+        found.setdefault(user, set()).add(item)
+    if seq_field in feat:  # the first items of a sequence appear only in histories
+        histories, lengths = feat[seq_field].numpy(), feat[len_field].numpy()
+        firsts = {}
+        for row, user in enumerate(users.tolist()):
+            firsts.setdefault(user, row)
+        for user, row in firsts.items():
+            found[user].update(int(i) for i in histories[row, : lengths[row]] if i)
+    return {user: sorted(items) for user, items in found.items()}

@@ -86,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes for LLMGen (same metrics, evaluation split between them); auto = min(2, CPU cores)",
     )
 
+    tune = sub.add_parser(
+        "tune",
+        help="RecBole's hyper-parameter search over any model's keys: tune.csv, tune.md, best.yaml",
+        epilog="Any --key=value is a fixed config override for every trial.",
+    )
+    tune.add_argument("--model", "-m", default="LLMGen")
+    tune.add_argument("--dataset", "-d", default="ml-100k")
+    tune.add_argument("--params_file", required=True, help="RecBole's format: 'name choice [a,b]' per line")
+    tune.add_argument("--algo", default="exhaustive", help="exhaustive | random | bayes")
+    tune.add_argument("--max_evals", type=int, default=100, help="trials for random and bayes")
+    tune.add_argument("--config_files", nargs="+", default=None)
+    tune.add_argument("--out", default=None, help="output folder (default: results/tune-MODEL-DATASET)")
+
     comp = sub.add_parser(
         "compare",
         help="paired bootstrap difference of two finished model runs on the same users",
@@ -237,6 +250,21 @@ def main(argv: list[str] | None = None) -> int:
         print(open(os.path.join(out, "benchmark.md"), encoding="utf-8").read())
         print(f"wrote {out}/benchmark.csv, benchmark.md, benchmark.png in {time.perf_counter() - start:.0f} s")
         return 0 if all(r.get("status") == "ok" for r in rows) else 1
+    if args.command == "tune":
+        from recbole_llmgen.tune import run_tune
+
+        out = args.out or f"results/tune-{args.model}-{args.dataset}"
+        try:
+            rows = run_tune(
+                args.model, args.dataset, args.params_file, args.algo, args.max_evals, args.config_files, overrides, out
+            )
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"recbole-llmgen tune: {error}") from None
+        print(open(os.path.join(out, "tune.md"), encoding="utf-8").read())
+        print(
+            f"wrote {out}/tune.csv, tune.md" + (", best.yaml" if os.path.isfile(os.path.join(out, "best.yaml")) else "")
+        )
+        return 0 if any(r.get("status") == "ok" for r in rows) else 1
     if args.command == "run":
         from recbole_llmgen.quick_start import recbole_argv, run_recbole
 

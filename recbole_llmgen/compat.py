@@ -20,6 +20,11 @@ plugin needs to make it run sits here and is applied once by :func:`apply` (call
   process: every backward pass then checks every gradient for NaN (measured: ~20% of a LoRA
   step on CPU). :func:`undo_global_anomaly_detection` imports that package and switches it back
   off; a user who wants it sets it after importing recbole_llmgen.
+* RecBole's exhaustive hyper-parameter search (``HyperTuning(algo="exhaustive")``) hands hyperopt a
+  ``numpy.random.RandomState``; hyperopt >= 0.2.7 samples ``hp.choice`` with the Generator method
+  ``rng.integers``, which RandomState lacks (``AttributeError: ... 'integers'``).
+  :func:`patch_exhaustive_search` gives that one module a RandomState that also has ``integers``
+  (the same draws as ``randint``, so a seed gives the same trials).
 * RecBole's multi-process mode (``nproc``, ``world_size``) is NCCL-only, double-counts users and
   averages per-rank metrics, wraps untrainable models in DDP and races on file names and folders:
   :func:`recbole_llmgen.distributed.install` (called by :func:`apply`) replaces those pieces; a
@@ -153,6 +158,39 @@ def undo_global_anomaly_detection() -> None:
     torch.autograd.set_detect_anomaly(False)
 
 
+class _RandomState(np.random.RandomState):
+    """A RandomState with the Generator method hyperopt's samplers call."""
+
+    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
+        if high is None:
+            low, high = 0, low
+        return self.randint(low, high + 1 if endpoint else high, size=size, dtype=dtype)
+
+
+class _NumpyWithIntegers:
+    """numpy as ``recbole.trainer.hyper_tuning`` sees it: every attribute numpy's, except
+    ``random.RandomState``."""
+
+    def __init__(self):
+        import types
+
+        self.random = types.SimpleNamespace(
+            **{k: getattr(np.random, k) for k in dir(np.random) if not k.startswith("__")}
+        )
+        self.random.RandomState = _RandomState
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def patch_exhaustive_search() -> None:
+    """RecBole's exhaustive search on today's hyperopt (see the module docstring)."""
+    import recbole.trainer.hyper_tuning as hyper_tuning
+
+    if not isinstance(hyper_tuning.np, _NumpyWithIntegers):
+        hyper_tuning.np = _NumpyWithIntegers()
+
+
 def apply() -> None:
     """Apply every fix above once. Idempotent."""
     global _applied
@@ -163,6 +201,7 @@ def apply() -> None:
     set_recbole_numpy_aliases()
     patch_checkpoint_loading()
     undo_global_anomaly_detection()
+    patch_exhaustive_search()
     from recbole_llmgen import distributed
 
     distributed.install()

@@ -191,6 +191,56 @@ def check_checkpoint(saved: dict | None, current: dict) -> None:
                 else ""
             )
         )
-    for key in ("train_mode", "lora"):
-        if saved[key] != current[key]:
-            raise ValueError(f"model_file: saved with {key}={saved[key]!r}, but this model has {key}={current[key]!r}")
+    saved = {"objective": "next_item" if saved["train_mode"] != "none" else None, **saved}  # before objectives
+    for key in ("train_mode", "lora", "objective"):
+        if saved[key] != current.get(key):
+            raise ValueError(
+                f"model_file: saved with {key}={saved[key]!r}, but this model has {key}={current.get(key)!r}"
+                + (
+                    " (llm_train_objective: resume with the objective it was trained with)"
+                    if key == "objective"
+                    else ""
+                )
+            )
+
+
+def item_spans(head: int, item_tokens: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """[start, end) of each item's tokens in a list row that begins with ``head`` header tokens."""
+    spans, start = [], head
+    for tokens in item_tokens:
+        spans.append((start, start + len(tokens)))
+        start += len(tokens)
+    return spans
+
+
+def sequence_item_nll(llm, rows: Sequence[Sequence[int]], spans: Sequence[Sequence[tuple[int, int]]], pad_id: int):
+    """All-position loss of packed list rows: for every [start, end) span of every row, the mean
+    negative log-probability of its tokens given everything before it in the row. [total spans]
+
+    One forward pass trains every item of a window as the next line of the list before it (the way
+    SASRec trains every position at once); logits only at the positions that predict a span token.
+    Rows are right-padded, positions start at 0, so a span reads exactly what scoring the same item
+    after the same tokens reads.
+    """
+    device = llm.device
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    keep = torch.zeros((len(rows), width), dtype=torch.bool)
+    targets, sizes = [], []
+    for b, (row, row_spans) in enumerate(zip(rows, spans)):
+        ids[b, : len(row)] = torch.tensor(list(row))
+        mask[b, : len(row)] = 1
+        for start, end in row_spans:
+            keep[b, start - 1 : end - 1] = True  # position j predicts token j + 1
+            targets.extend(row[start:end])
+            sizes.append(end - start)
+    positions = torch.arange(width).expand(len(rows), -1)
+    logits = llm(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=keep.to(device),
+    ).logits  # [N, V], row-major: the spans' tokens in order
+    picked = F.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    return torch.stack([-part.mean() for part in picked.split(sizes)])

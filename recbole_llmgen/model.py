@@ -19,12 +19,14 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_llmgen import candidates as cand
-from recbole_llmgen import finetune, generation, scoring, text, two_stage
+from recbole_llmgen import finetune, generation, scoring, sequence, text, two_stage
 from recbole_llmgen.llm import autocast_dtype, load_llm
 
 logger = logging.getLogger(__name__)
 
 SCORE_METHODS = ("likelihood", "verbalizer", "generate")
+TRAIN_OBJECTIVES = ("next_item", "sequence")
+FUSION_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 CANDIDATE_SOURCES = two_stage.BUILT_IN_SOURCES  # or a RecBole model file / model name
 TRAIN_MODES = finetune.TRAIN_MODES
 GENERATION_CONSTRAINTS = ("trie", "none")
@@ -144,6 +146,26 @@ class LLMGen(SequentialRecommender):
         if "{history}" not in (self.prompt_template or ""):
             raise ValueError(f"prompt_template: must contain '{{history}}', got {self.prompt_template!r}")
         self.system_prompt = config["system_prompt"]
+        self.prompt_format = choice(config, "prompt_format", text.PROMPT_FORMATS)
+        self.list_header = text.list_header(config["list_prompt_template"]) if self.prompt_format == "list" else None
+        if self.prompt_format == "list" and self.score_method == "verbalizer":
+            raise ValueError(
+                "prompt_format: list continues the item list with the next item and works with score_method "
+                "likelihood | generate; score_method: verbalizer needs prompt_format: chat"
+            )
+        self.train_objective = choice(config, "llm_train_objective", TRAIN_OBJECTIVES)
+        if self.train_objective == "sequence" and self.prompt_format != "list":
+            raise ValueError(
+                "llm_train_objective: sequence trains the next line of an item list at every position, so the "
+                "scored text must continue that list: set prompt_format: list (or llm_train_objective: next_item)"
+            )
+        stride = config["llm_train_window_stride"]
+        if stride is not None and (not isinstance(stride, int) or isinstance(stride, bool) or stride < 1):
+            raise ValueError(
+                f"llm_train_window_stride: expected an integer >= 1 or ~ (max_history_items), got {stride!r}"
+            )
+        self.window_stride = stride or self.max_history_items
+        self.score_fusion, self.fusion_weight = self._fusion_setting(config["score_fusion"])
         self.seed = int(config["seed"] or 0)
         self.lora = self._lora_settings(config) if self.train_mode == "lora" else None
         self.llm_train_batch_size = positive_int(config, "llm_train_batch_size")
@@ -177,6 +199,8 @@ class LLMGen(SequentialRecommender):
         use_chat = config["use_chat_template"]
         has_template = getattr(tokenizer, "chat_template", None) is not None
         self.use_chat = has_template if use_chat in ("auto", None) else bool(use_chat)
+        if self.prompt_format == "list":
+            self.use_chat = False  # a plain text list the model continues, no chat turn
         if self.use_chat and not has_template:
             raise ValueError(
                 f"use_chat_template: True, but the tokenizer of {config['llm_path']!r} has no chat template"
@@ -188,11 +212,13 @@ class LLMGen(SequentialRecommender):
         self._warned_overflow = False
         self._shared_prefix = None
         self._trie = None
+        self._score_cache: dict = {}  # LLM scores of (user, history, candidates) until the weights change
 
         # --- candidates ---
         self.item_counts = cand.item_counts(dataset.inter_feat[self.ITEM_ID], self.n_items)
+        self.training_items = cand.items_per_user(dataset, self.USER_ID, self.ITEM_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
         # a classic RecBole model's checkpoint proposes candidates; saved with LLMGen's checkpoint
-        self.other_parameter_name = ["candidate_model_file"]
+        self.other_parameter_name = ["candidate_model_file", "fusion_weight"]
         self.candidate_model_file = self.candidate_source if self.candidate_kind == "file" else None
         self._candidate_dataset = dataset
         self._candidate_config = config
@@ -201,6 +227,31 @@ class LLMGen(SequentialRecommender):
             self.candidate_model()  # a mismatched file fails now, before any evaluation
         self._item_embeddings = None
         self.text_encoder_path = config["text_encoder_path"]
+
+    def _fusion_setting(self, value) -> tuple[str, float | None]:
+        """``score_fusion``: ("none", None), ("auto", None until validation chooses) or ("weight", w)."""
+        if value in (None, "none"):
+            return "none", None
+        if self.score_method == "generate":
+            raise ValueError(
+                f"score_fusion: {value!r} fuses the LLM's scores of the candidate list with the candidate model's, "
+                "but score_method: generate ranks the whole catalogue without a candidate list: nothing to fuse; "
+                "use score_method likelihood | verbalizer, or score_fusion: none"
+            )
+        if value == "auto":
+            return "auto", None
+        given = value
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"score_fusion: {given!r} is not allowed; choose none, auto (weight chosen on the valid split) "
+                "or a weight in [0, 1] (0 = the candidate model's ranking, 1 = the LLM's)"
+            )
+        return "weight", float(value)
 
     @staticmethod
     def _lora_settings(config) -> dict:
@@ -229,6 +280,7 @@ class LLMGen(SequentialRecommender):
             "items": self.items_fingerprint,
             "train_mode": self.train_mode,
             "lora": self.lora,
+            "objective": self.train_objective if self.train_mode != "none" else None,
         }
 
     def get_extra_state(self) -> dict:
@@ -242,6 +294,7 @@ class LLMGen(SequentialRecommender):
         finetune.check_checkpoint(state_dict.get("_extra_state"), self.identity())
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._shared_prefix = None  # cached KV of the old weights
+        self._score_cache = {}
         return result
 
     @contextlib.contextmanager
@@ -266,6 +319,8 @@ class LLMGen(SequentialRecommender):
         super().train(mode)
         self.llm.train(mode and self.train_mode != "none")
         self._shared_prefix = None  # weights may change while training: recompute after
+        if mode:
+            self._score_cache = {}
         return self
 
     # ------------------------------------------------------------------ item texts and prompts
@@ -315,7 +370,15 @@ class LLMGen(SequentialRecommender):
         return [" ".join(f"{x:g}" for x in row) for row in values.tolist()]
 
     def _tokenize_items(self) -> list[list[int]]:
-        """Token ids of each item text as it continues the prompt, cut to max_item_text_tokens."""
+        """Token ids of each item text as it continues the prompt, cut to max_item_text_tokens.
+
+        ``prompt_format: list``: the text and its line break (the item's end is part of what is
+        scored: "Heat" is not "Heat 2"), the line break kept when the text is cut."""
+        if self.prompt_format == "list":
+            newline = self.tokenizer.encode("\n", add_special_tokens=False)[-1:]
+            encoded = self.tokenizer([t + "\n" for t in self.item_texts], add_special_tokens=False)["input_ids"]
+            limit = self.max_item_text_tokens
+            return [list(ids) if len(ids) <= limit else list(ids[: limit - 1]) + newline for ids in encoded]
         prefix = "" if self.use_chat else " "
         encoded = self.tokenizer([prefix + t for t in self.item_texts], add_special_tokens=False)["input_ids"]
         return [list(ids[: self.max_item_text_tokens]) for ids in encoded]
@@ -353,6 +416,8 @@ class LLMGen(SequentialRecommender):
         """
         window = [i for i in history if i != 0][-self.max_history_items :]
         reserve = reserve_tokens if candidate_ids is None else max(len(self.item_token_ids[i]) for i in candidate_ids)
+        if self.prompt_format == "list":
+            return self.list_prompt(window, reserve)
         while True:
             texts = [self.item_texts[i] for i in window]
             if self.score_method == "verbalizer" and candidate_ids is not None:
@@ -380,9 +445,25 @@ class LLMGen(SequentialRecommender):
                 self._warned_overflow = True
             window = window[1:]
 
+    def list_prompt(self, window: list[int], reserve: int = 0) -> list[int]:
+        """``prompt_format: list``: the header's tokens, then each item's own tokens (text and line
+        break), so a training window and a prompt hold the very same tokens at the same positions."""
+        head = self._encode(self.list_header)
+        while len(head) + sum(len(self.item_token_ids[i]) for i in window) + reserve > self.max_length:
+            if not window:
+                raise ValueError(
+                    f"llm_max_length: the list prompt needs {len(head) + reserve} tokens even without history, "
+                    f"more than the limit {self.max_length}; shorten list_prompt_template"
+                )
+            window = window[1:]
+        return head + [t for i in window for t in self.item_token_ids[i]]
+
     # ------------------------------------------------------------------ scoring
     def shared_prefix(self) -> scoring.SharedPrefix:
         """KV cache of the prompt tokens common to every user (computed once)."""
+        if self._shared_prefix is None and self.prompt_format == "list":
+            head = self._encode(self.list_header)
+            self._shared_prefix = scoring.SharedPrefix(self.llm, head[: max(len(head) - 1, 1)])
         if self._shared_prefix is None:
             a = self._encode(self.render_prompt(text.user_prompt(self.prompt_template, ["x"])))
             b = self._encode(self.render_prompt(text.user_prompt(self.prompt_template, ["y"])))
@@ -437,8 +518,25 @@ class LLMGen(SequentialRecommender):
     def score_candidates_batch(
         self, histories: list[list[int]], candidate_lists: list[list[int]], user_keys: list[int] | None = None
     ) -> list[torch.Tensor]:
-        """:meth:`score_candidates` for several users in few forward passes: one [K_u] per user."""
+        """:meth:`score_candidates` for several users in few forward passes: one [K_u] per user.
+
+        In evaluation the scores are kept until the weights change (training, loading a
+        checkpoint): choosing the fusion weight on the valid split scores each user once."""
         user_keys = user_keys if user_keys is not None else [0] * len(histories)
+        if self.training or torch.is_grad_enabled():
+            return self._score_uncached(histories, candidate_lists, user_keys)
+        keys = [(int(u), tuple(h), tuple(c)) for u, h, c in zip(user_keys, histories, candidate_lists)]
+        todo = [i for i, key in enumerate(keys) if key not in self._score_cache]
+        if todo:
+            fresh = self._score_uncached(
+                [histories[i] for i in todo], [candidate_lists[i] for i in todo], [user_keys[i] for i in todo]
+            )
+            self._score_cache.update({keys[i]: scores for i, scores in zip(todo, fresh)})
+        return [self._score_cache[key] for key in keys]
+
+    def _score_uncached(
+        self, histories: list[list[int]], candidate_lists: list[list[int]], user_keys: list[int]
+    ) -> list[torch.Tensor]:
         if self.score_method in ("likelihood", "generate"):  # a beam's score is the likelihood
             prompts = [self.build_prompt(h, c) for h, c in zip(histories, candidate_lists)]
             results = scoring.score_continuations(
@@ -493,12 +591,21 @@ class LLMGen(SequentialRecommender):
         super().load_other_parameter(para)
         self._candidate_model = None  # a checkpoint may name another candidate model file
 
-    def retrieval_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, interaction=None) -> torch.Tensor:
-        """Retriever scores for every item; padding and history items at -inf. [B, n_items]
+    def retrieval_scores(
+        self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, interaction=None, mask: bool = True
+    ) -> torch.Tensor:
+        """Retriever scores for every item; padding and history items at -inf unless ``mask`` is
+        off (a sampled protocol may list seen items among its negatives). [B, n_items]
 
         ``interaction`` (the batch) is needed when a RecBole model proposes the candidates.
         """
         histories = [row[:n].tolist() for row, n in zip(item_seq.cpu(), item_seq_len.cpu().tolist())]
+        seen = histories
+        if interaction is not None and self.USER_ID in interaction.interaction:
+            # every training item of the user, as RecBole masks a general model's history (item_seq
+            # holds only the last MAX_ITEM_LIST_LENGTH): a seen item is never a candidate
+            users = interaction[self.USER_ID].cpu().tolist()
+            seen = [h + self.training_items.get(int(u), []) for h, u in zip(histories, users)]
         if self.candidate_source == "pop":
             scores = cand.popularity_scores(self.item_counts, len(histories))
         elif self.candidate_kind != "builtin":
@@ -508,7 +615,7 @@ class LLMGen(SequentialRecommender):
         else:
             windows = [h[-self.max_history_items :] for h in histories]
             scores = cand.text_scores(self.item_embeddings(), windows)
-        return cand.mask_seen(scores, histories)
+        return cand.mask_seen(scores, seen) if mask else scores
 
     def item_embeddings(self) -> torch.Tensor:
         if self._item_embeddings is None:
@@ -527,11 +634,13 @@ class LLMGen(SequentialRecommender):
                 "training; use it (RecBole picks it by name) instead of a plain Trainer, or set "
                 "train_mode: lora | full."
             )
+        pad = self.tokenizer.pad_token_id
+        if sequence.WINDOW_FIELD in interaction.interaction:
+            return self.sequence_loss(interaction[sequence.WINDOW_FIELD], interaction[sequence.WINDOW_LEN_FIELD])
         item_seq = interaction[self.ITEM_SEQ].cpu()
         item_seq_len = interaction[self.ITEM_SEQ_LEN].cpu()
         targets = interaction[self.ITEM_ID].cpu().tolist()
         histories = [item_seq[b, : item_seq_len[b]].tolist() for b in range(len(targets))]
-        pad = self.tokenizer.pad_token_id
         if self.score_method == "verbalizer":
             shown, positions = self.training_candidates(item_seq, item_seq_len, targets, interaction)
             prompts = [self.build_prompt(h, s) for h, s in zip(histories, shown)]
@@ -541,6 +650,27 @@ class LLMGen(SequentialRecommender):
             prompts = [self.build_prompt(h, reserve_tokens=len(t)) for h, t in zip(histories, target_tokens)]
             losses = finetune.target_token_nll(self.llm, prompts, target_tokens, pad)
         return losses.mean()
+
+    def window_rows(self, windows: list[list[int]]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """List rows of training windows (header, then each item's tokens) and the [start, end)
+        span of every item after the first: the items the window trains. A window longer than the
+        context loses its oldest items."""
+        head = self.list_prompt([])
+        rows, spans = [], []
+        for window in windows:
+            while len(window) > 2 and len(head) + sum(len(self.item_token_ids[i]) for i in window) > self.max_length:
+                window = window[1:]
+            tokens = [self.item_token_ids[i] for i in window]
+            rows.append(head + [t for item in tokens for t in item])
+            spans.append(finetune.item_spans(len(head), tokens)[1:])
+        return rows, spans
+
+    def sequence_loss(self, window: torch.Tensor, window_len: torch.Tensor) -> torch.Tensor:
+        """``llm_train_objective: sequence``: mean over the batch's predicted items (every item of a
+        window after its first) of the item's mean token loss as the list's next line."""
+        windows = [row[:n].tolist() for row, n in zip(window.cpu(), window_len.cpu().tolist())]
+        rows, spans = self.window_rows(windows)
+        return finetune.sequence_item_nll(self.llm, rows, spans, self.tokenizer.pad_token_id).mean()
 
     def training_candidates(
         self, item_seq, item_seq_len, targets: list[int], interaction=None
@@ -578,7 +708,17 @@ class LLMGen(SequentialRecommender):
             keys.append((user, list(history)))
             ordered_ids.append([candidate_ids[j] for j in ordered])
             ordered_rows.append([rows[j] for j in ordered])
-        results = self.score_candidates_batch([h for _, h in keys], ordered_ids, [u for u, _ in keys])
+        weight = self.active_fusion_weight()
+        if weight == 0.0:
+            results = [torch.zeros(len(ids)) for ids in ordered_ids]
+        else:
+            results = self.score_candidates_batch([h for _, h in keys], ordered_ids, [u for u, _ in keys])
+        if weight is not None:  # each user's sampled items are its candidate list
+            retrieval = self.retrieval_scores(item_seq, item_seq_len, interaction, mask=False)
+            side = self.candidate_side(retrieval[torch.arange(len(items)), items])
+            results = [
+                cand.fuse(result[None], side[rows][None], weight)[0] for result, rows in zip(results, ordered_rows)
+            ]
         for result, rows in zip(results, ordered_rows):
             scores[rows] = result
         return scores.to(self.device)
@@ -592,11 +732,14 @@ class LLMGen(SequentialRecommender):
         if self.score_method == "generate":
             return self._generate_full_sort(item_seq, item_seq_len, retrieval)
         candidate_ids = cand.top_candidates(retrieval, self.num_candidates)  # [B, K]
+        weight = self.active_fusion_weight()
         llm_scores = torch.full(candidate_ids.shape, -math.inf)
         batch, histories, lists, keys = [], [], [], []
         for b in range(len(candidate_ids)):
             valid = candidate_ids[b][retrieval[b, candidate_ids[b]] > -math.inf].tolist()
-            if valid:
+            if valid and weight == 0.0:  # the candidate model's ranking: nothing for the LLM to add
+                llm_scores[b, : len(valid)] = 0.0
+            elif valid:
                 batch.append(b)
                 histories.append(item_seq[b, : item_seq_len[b]].tolist())
                 lists.append(sorted(valid))  # canonical order, the same as predict's
@@ -606,7 +749,26 @@ class LLMGen(SequentialRecommender):
             lookup = dict(zip(ordered, result.tolist()))
             n = len(ordered)
             llm_scores[b, :n] = torch.tensor([lookup[i] for i in candidate_ids[b][:n].tolist()])
+        if weight is not None:
+            side = self.candidate_side(retrieval.gather(1, candidate_ids))
+            llm_scores = cand.fuse(llm_scores, side, weight)
         return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
+
+    def candidate_side(self, retrieval_values: torch.Tensor) -> torch.Tensor:
+        """The candidate model's own score of its candidates, as fusion uses it: pop the log of the
+        training count, text the similarity, a RecBole model its ``full_sort_predict`` score."""
+        return torch.log1p(retrieval_values.clamp(min=0)) if self.candidate_source == "pop" else retrieval_values
+
+    def active_fusion_weight(self) -> float | None:
+        """The LLM's weight in the fused score (None: no fusion, the LLM ranks the candidates)."""
+        if self.score_fusion == "none":
+            return None
+        if self.fusion_weight is None:
+            raise ValueError(
+                "score_fusion: auto chooses its weight on the valid split, and no validation has run; train or "
+                "fit with valid data (LLMGenTrainer.fit does), load a checkpoint that has it, or set a weight in [0, 1]"
+            )
+        return float(self.fusion_weight)
 
     @torch.no_grad()
     def generate_free_text(self, history: list[int]) -> list[str]:

@@ -11,6 +11,10 @@ RecBole finds models, trainers and model defaults by convention, not by a regist
   ``Config._load_internal_config_dict`` to merge the plugin's yaml at the same layer (after
   RecBole's overall defaults, before the dataset's yaml), so user files, dicts and the command
   line still win.
+* A config file may hold settings for one model only: a top-level key named after a model, with
+  a mapping (``LLMGen: {epochs: 1, ...}``). We wrap ``Config._get_model_and_dataset`` (the first
+  point where the model is known) to merge the section of the model being configured into the
+  file layer and drop the others, so one file serves a benchmark of several models.
 
 :func:`register_model` is the one explicit registration call; it refuses a duplicate name.
 :func:`install_hooks` wraps the few RecBole functions above once (idempotent).
@@ -166,6 +170,29 @@ def _load_internal_config_dict_hook(original):
     return _load_internal_config_dict
 
 
+def model_sections(file_config: dict) -> dict[str, dict]:
+    """The per-model sections of a config file layer: top-level keys naming a model, with a mapping."""
+    mappings = [k for k, v in file_config.items() if isinstance(v, dict)]
+    if not mappings:
+        return {}
+    names = set(known_model_names())
+    return {k: file_config[k] for k in mappings if k in names}
+
+
+def _get_model_and_dataset_hook(original):
+    @functools.wraps(original)
+    def _get_model_and_dataset(self, model, dataset):
+        result = original(self, model, dataset)
+        sections = model_sections(self.file_config_dict or {})
+        if sections:
+            files = {k: v for k, v in self.file_config_dict.items() if k not in sections}
+            self.file_config_dict = {**files, **sections.get(result[0], {})}
+            self._merge_external_config_dict()  # file < config_dict < command line, as before
+        return result
+
+    return _get_model_and_dataset
+
+
 def _set_default_parameters_hook(original):
     @functools.wraps(original)
     def _set_default_parameters(self):
@@ -213,4 +240,5 @@ def install_hooks() -> None:
     Config = configurator.Config
     Config._load_internal_config_dict = _load_internal_config_dict_hook(Config._load_internal_config_dict)
     Config._set_default_parameters = _set_default_parameters_hook(Config._set_default_parameters)
+    Config._get_model_and_dataset = _get_model_and_dataset_hook(Config._get_model_and_dataset)
     _hooks_installed = True

@@ -101,3 +101,28 @@ def verbalizer_prompt(template: str, history_texts: Sequence[str], candidates: S
         f"{user_prompt(template, history_texts)}\nCandidates:\n{listing}\n"
         "Answer with the letter of the best candidate only."
     )
+
+
+PROMPT_FORMATS = ("chat", "list")
+
+
+def list_header(template: str) -> str:
+    """The text before the history of a list-continuation template (``prompt_format: list``).
+
+    The history is the list itself, one item text per line, so the template must end with
+    ``{history}`` and the header before it with a line break: then the next item begins exactly
+    where the prompt ends and a candidate is scored as the list's next line.
+    """
+    if not isinstance(template, str) or not template.endswith("{history}") or template.count("{history}") != 1:
+        raise ValueError(
+            f"list_prompt_template: {template!r} does not end where the next item begins; with prompt_format: list "
+            "it must end with '{history}' (the item list, one text per line), e.g. "
+            "'Movies a user watched, oldest first, one per line:\\n{history}'"
+        )
+    header = template[: -len("{history}")]
+    if not header.endswith("\n"):
+        raise ValueError(
+            f"list_prompt_template: {template!r} must have a line break right before '{{history}}' "
+            "(each item of the list starts a line), e.g. 'Movies watched:\\n{history}'"
+        )
+    return header

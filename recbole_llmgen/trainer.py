@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import torch
 from recbole.trainer import Trainer
@@ -12,7 +13,10 @@ from recbole.utils import set_color
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_llmgen import distributed, finetune, two_stage
+from recbole_llmgen import distributed, finetune, sequence, two_stage
+from recbole_llmgen.model import FUSION_GRID
+
+LOG_EVERY = 50  # optimizer steps between loss lines in the log
 
 
 class LLMGenTrainer(Trainer):
@@ -35,6 +39,7 @@ class LLMGenTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.test_batch_size = float("inf")  # never split a user's rows in _spilt_predict
+        self.fusion_history: list[dict] = []  # score_fusion: auto: {weight: valid result} per validation
 
     def _trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -56,11 +61,21 @@ class LLMGenTrainer(Trainer):
                 self.logger.info(set_color(f"candidate_source: {name}", "green") + ": training it first")
             self.model.candidate_model_file = two_stage.train_candidate_model(name, self.config, show_progress)
         if not self.zero_shot:
-            train_data = finetune.bounded_train_loader(train_data, self.model.llm_train_examples_per_user)
+            if self.model.train_objective == "sequence":
+                train_data = sequence.window_loader(
+                    train_data, self.model, self.config["train_batch_size"], int(self.config["seed"] or 0)
+                )
+                what = (
+                    f"{len(train_data.items)} windows of up to {self.model.max_history_items + 1} items "
+                    f"({train_data.predictions} next-item predictions)"
+                )
+            else:
+                train_data = finetune.bounded_train_loader(train_data, self.model.llm_train_examples_per_user)
+                what = f"{len(train_data._dataset)} training examples"
             if verbose:
                 self.logger.info(
                     set_color(f"train_mode: {self.model.train_mode}", "green")
-                    + f": {len(train_data._dataset)} training examples per epoch, "
+                    + f", llm_train_objective: {self.model.train_objective}: {what} per epoch, "
                     + f"{sum(p.numel() for p in self._trainable_parameters())} trainable parameters"
                 )
             resume = self.config["checkpoint"]
@@ -86,14 +101,17 @@ class LLMGenTrainer(Trainer):
         loss_func = loss_func or self.model.calculate_loss
         micro = self.model.llm_train_batch_size
         total = 0.0
-        if distributed.active(self.config) and train_data.shuffle:
+        if isinstance(train_data, sequence.WindowLoader):
+            train_data.set_epoch(epoch_idx)  # reshuffled every epoch (each rank its own batches)
+        elif distributed.active(self.config) and train_data.shuffle:
             train_data.sampler.set_epoch(epoch_idx)  # each rank its own shard, reshuffled every epoch
         iter_data = train_data
         if show_progress:
             iter_data = tqdm(
                 train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")
             )
-        for interaction in iter_data:
+        start_time, recent = time.perf_counter(), []
+        for step, interaction in enumerate(iter_data, 1):
             interaction = interaction.to(self.device)
             self.optimizer.zero_grad()
             rows = len(interaction)
@@ -112,7 +130,41 @@ class LLMGenTrainer(Trainer):
                 clip_grad_norm_(self._trainable_parameters(), **self.clip_grad_norm)
             self.optimizer.step()
             total += batch_loss
+            recent.append(batch_loss)
+            if step % LOG_EVERY == 0:  # a learning curve within the epoch (an LLM epoch is long on a CPU)
+                self.logger.info(
+                    f"epoch {epoch_idx} step {step}/{len(train_data)}: mean loss of the last {len(recent)} "
+                    f"steps {sum(recent) / len(recent):.4f}, {time.perf_counter() - start_time:.0f} s"
+                )
+                recent = []
         return total
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        """``score_fusion: auto``: first choose the LLM's weight on this (valid) split from
+        ``FUSION_GRID`` by ``valid_metric`` (the LLM scores each user once; every weight reuses them),
+        then validate with it. The weight is saved with the checkpoint; the test split never sees the grid."""
+        if getattr(self.model, "score_fusion", "none") == "auto":
+            self.choose_fusion_weight(valid_data)
+        return super()._valid_epoch(valid_data, show_progress=show_progress)
+
+    def choose_fusion_weight(self, valid_data) -> float:
+        results = {}
+        for weight in FUSION_GRID:
+            self.model.fusion_weight = weight
+            result = self.evaluate(valid_data, load_best_model=False, show_progress=False)
+            results[weight] = result
+        scores = {w: float(r[self.valid_metric]) for w, r in results.items()}
+        sign = 1 if self.valid_metric_bigger else -1
+        best = max(scores, key=lambda w: (sign * scores[w], -w))  # a tie goes to the candidate model's side
+        self.model.fusion_weight = best
+        self.fusion_history.append(results)
+        self.logger.info(
+            set_color("score_fusion: auto", "green")
+            + f": LLM weight {best} chosen on the valid split ({self.valid_metric}: "
+            + ", ".join(f"{w}: {s:.4f}" for w, s in scores.items())
+            + ")"
+        )
+        return best
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         """Config + trainable state only, written to a temporary file and renamed into place.

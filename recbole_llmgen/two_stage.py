@@ -2,8 +2,10 @@
 
 ``candidate_source`` takes ``pop``, ``text``, a saved RecBole checkpoint (``.pth`` of a built-in
 such as SASRec, BPR, GRU4Rec) or the name of a RecBole model, which LLMGenTrainer trains first
-on the same dataset and split. The candidate model must index items exactly as LLMGen's dataset
-does; a checkpoint of another dataset or another filtering is refused with a named error.
+on the same dataset and split. The candidate model is used through user and item tokens: a
+checkpoint of the same dataset with another filtering (or without the item file LLMGen loads)
+indexes them differently, and :class:`MappedCandidateModel` translates each batch into its ids and
+its scores back. A checkpoint of another dataset is refused with a named error.
 """
 
 from __future__ import annotations
@@ -13,20 +15,6 @@ import os
 import torch
 
 BUILT_IN_SOURCES = ("pop", "text")
-# config keys that change which interactions and items survive loading: named when mappings differ
-FILTER_KEYS = (
-    "dataset",
-    "data_path",
-    "load_col",
-    "unload_col",
-    "rm_dup_inter",
-    "val_interval",
-    "filter_inter_by_user_or_item",
-    "user_inter_num_interval",
-    "item_inter_num_interval",
-    "benchmark_filename",
-    "alias_of_item_id",
-)
 
 
 def is_model_file(source: str) -> bool:
@@ -56,15 +44,66 @@ def validate_source(source: str) -> str:
     return "model"
 
 
-def _item_tokens(config) -> list[str]:
-    from recbole.data import create_dataset
+def _tokens(dataset, field: str | None) -> list[str]:
+    return [str(t) for t in dataset.field2id_token[field]] if field else []
 
-    dataset = create_dataset(config)
-    return [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+
+def token_map(ours: list[str], theirs: list[str]) -> torch.Tensor:
+    """For each of our ids, the id of the same token in ``theirs`` (0, padding, when it has none). [len(ours)]"""
+    index = {token: i for i, token in enumerate(theirs) if i > 0}
+    return torch.tensor([0] + [index.get(token, 0) for token in ours[1:]], dtype=torch.long)
+
+
+class MappedCandidateModel:
+    """A candidate model whose dataset maps users and items to other inner ids than LLMGen's (another
+    filtering, or LLMGen's item file adding items): each batch goes to it in its own id space, by
+    token, and its scores come back in LLMGen's. Items it does not know score below every item it
+    knows (in item-id order); a user it does not know is its padding user."""
+
+    def __init__(self, model, user_map: torch.Tensor, item_map: torch.Tensor, n_theirs: int):
+        self.model, self.user_map, self.item_map, self.n_theirs = model, user_map, item_map, n_theirs
+
+    def to(self, device):
+        self.model = self.model.to(device)
+        return self
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def translate(self, interaction):
+        """The batch in the candidate model's ids: user, and the history with unknown items left out."""
+        from recbole.data.interaction import Interaction
+
+        model = self.model
+        fields = {}
+        uid = getattr(model, "USER_ID", None)
+        if uid and uid in interaction.interaction:
+            fields[uid] = self.user_map[interaction[uid].cpu()]
+        seq_field, len_field = getattr(model, "ITEM_SEQ", None), getattr(model, "ITEM_SEQ_LEN", None)
+        if seq_field and seq_field in interaction.interaction:
+            mapped = self.item_map[interaction[seq_field].cpu()]  # [B, L], 0 = padding or unknown
+            lengths = (mapped > 0).sum(dim=1)
+            order = torch.sort((mapped == 0).int(), dim=1, stable=True).indices  # known items first, in order
+            fields[seq_field] = mapped.gather(1, order)
+            fields[len_field] = lengths.clamp(min=1)  # RecBole's models read position len - 1
+        return Interaction(fields)
+
+    @torch.no_grad()
+    def scores(self, interaction, device) -> torch.Tensor:
+        theirs = self.model.full_sort_predict(self.translate(interaction).to(device))
+        theirs = theirs.view(len(interaction), -1).float().cpu()  # [B, n_theirs]
+        known = self.item_map > 0
+        floor = theirs.min(dim=1, keepdim=True).values - 1.0
+        ranks = torch.arange(len(self.item_map), dtype=torch.float) / len(self.item_map)
+        ours = floor - ranks  # unknown items: below every known one, in item-id order
+        ours[:, known] = theirs[:, self.item_map[known]]
+        return ours
 
 
 def load_candidate_model(path: str, config, dataset):
-    """The RecBole model saved at ``path``, rebuilt on ``dataset`` (frozen, eval mode)."""
+    """The RecBole model saved at ``path`` (frozen, eval mode): rebuilt on ``dataset`` when both map
+    users and items alike, else on its own dataset behind a :class:`MappedCandidateModel`."""
     from recbole.utils import get_model
 
     from recbole_llmgen.compat import trusted_torch_load
@@ -82,26 +121,34 @@ def load_candidate_model(path: str, config, dataset):
             f"candidate_source: {path} ({name}) was trained on dataset {saved['dataset']!r}, "
             f"not {config['dataset']!r}; train it on {config['dataset']!r} or name the model instead"
         )
-    ours = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
-    theirs = _item_tokens(saved)
-    if theirs != ours:
-        differ = [k for k in FILTER_KEYS if saved[k] != config[k]]
+    from recbole.data import create_dataset
+
+    own = create_dataset(saved)
+    items = (_tokens(dataset, dataset.iid_field), _tokens(own, own.iid_field))
+    users = (_tokens(dataset, dataset.uid_field), _tokens(own, own.uid_field))
+    shared = set(items[0][1:]) & set(items[1][1:])
+    if not shared:
         raise ValueError(
-            f"candidate_source: {path} ({name}) indexes {len(theirs) - 1} items of {saved['dataset']!r} "
-            f"differently from this run ({len(ours) - 1} items): another item mapping (different "
-            f"filtering or files). Settings that differ: {differ or 'none among ' + ', '.join(FILTER_KEYS)}"
+            f"candidate_source: {path} ({name}) knows none of this run's {len(items[0]) - 1} item tokens "
+            f"of {config['dataset']!r}: not a model of this data"
         )
-    model = get_model(name)(saved, dataset)
+    same = items[0] == items[1] and users[0] == users[1]
+    model = get_model(name)(saved, dataset if same else own)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     model.requires_grad_(False)
-    return model.eval()
+    model.eval()
+    if same:
+        return model
+    return MappedCandidateModel(model, token_map(*users), token_map(*items), len(items[1]))
 
 
 @torch.no_grad()
 def candidate_scores(model, interaction, device) -> torch.Tensor:
     """The candidate model's full-ranking scores for the batch's users. [B, n_items]"""
     model.eval()
+    if isinstance(model, MappedCandidateModel):
+        return model.scores(interaction, device)
     scores = model.full_sort_predict(interaction.to(device))
     return scores.view(len(interaction), -1).float().cpu()
 

@@ -167,3 +167,73 @@ def test_bad_epoch_settings_are_named(toy_config_dict, tmp_path, key):
     with pytest.raises(ValueError, match=f"{key}: expected an integer >= 1"):
         benchmark.run_benchmark("toy", ["Pop"], "full", None, _overrides(toy_config_dict, **{key: 0}),
                                 str(tmp_path), log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
+
+
+def test_finetune_config_gives_llm_only_and_fused_rows(toy_config_dict, tmp_path):
+    """The documented fine-tuning file, scoped to LLMGen: classic models keep the default run's
+    settings; one LLMGen training gives an "LLM only" and a "fused" row, each with its own
+    per-user file, interval and paired difference."""
+    from pathlib import Path
+
+    config_file = str(Path(__file__).parents[1] / "configs" / "llmgen_ml-100k_finetune.yaml")
+    out = tmp_path / "bench"
+    overrides = _overrides(toy_config_dict, max_history_items=4, llm_dtype="float32", item_text_template="{title}")
+    del overrides["epochs"]  # BPR keeps the default run's cap
+    rows = benchmark.run_benchmark(
+        "toy",
+        ["Pop", "BPR", "LLMGen"],
+        config_files=[config_file],
+        overrides=overrides,
+        out=str(out),
+        runner=benchmark.run_in_process,
+        log=lambda _: None,
+    )
+    _label = benchmark._label
+    by_label = {_label(r): r for r in rows}
+    bpr = next(r for r in rows if r["model"] == "BPR")
+    assert bpr["epoch_cap"] == 300  # the file's epochs: 1 is LLMGen's only
+    llm = [r for r in rows if r["model"] == "LLMGen"]
+    assert [r.get("variant") for r in llm] == ["fused", "LLM only"], by_label
+    fused, alone = llm
+    assert fused["status"] == alone["status"] == "ok"
+    assert fused["trainable_parameters"] > 0 and fused["epochs_trained"] == 1
+    assert 0.0 <= fused["fusion_weight"] <= 1.0 and alone["fusion_weight"] == 1.0
+    assert "fine-tuned" in _label(fused) and "LLM only" in _label(alone) and "fused" in _label(fused)
+    for row in llm:
+        assert row["users"] == bpr["users"] and row["compared_to"] == "BPR"
+        assert row["test_ndcg@10"] is not None and row["valid_ndcg@10"] is not None
+    assert os.path.isfile(out / "runs" / "LLMGen.llm-only.users.csv")
+    table = (out / "benchmark.md").read_text()
+    assert "LLM only" in table and "fused, LLM weight" in table
+
+
+def test_a_models_hash_ignores_other_models_sections(tmp_path):
+    """Editing LLMGen's section of a shared config file reruns LLMGen, not the classic models."""
+    path = tmp_path / "shared.yaml"
+
+    def hashes(text):
+        path.write_text(text)
+        return {
+            m: benchmark.run_hash({"model": m, "dataset": "toy", "config": {}, "config_files": [str(path)]})
+            for m in ("BPR", "LLMGen")
+        }
+
+    first = hashes("topk: [10]\nLLMGen:\n  epochs: 1\n")
+    second = hashes("topk: [10]\nLLMGen:\n  epochs: 2\n")
+    third = hashes("topk: [5]\nLLMGen:\n  epochs: 2\n")
+    assert first["BPR"] == second["BPR"] and first["LLMGen"] != second["LLMGen"]
+    assert third["BPR"] != second["BPR"] and third["LLMGen"] != second["LLMGen"]
+    assert benchmark.file_keys([str(path)], "BPR") == {"topk"}
+    assert benchmark.file_keys([str(path)], "LLMGen") == {"topk", "epochs"}
+
+
+def test_filtered_data_gives_an_llmgen_row_over_the_classic_models_candidates(toy_config_dict, tmp_path):
+    """RecBole's filtering with LLMGen's item file: the classic model's checkpoint maps items
+    differently, LLMGen reranks its candidates by token, and every row evaluates the same users."""
+    overrides = _overrides(toy_config_dict, item_inter_num_interval="[2,inf)", user_inter_num_interval="[11,inf)")
+    rows = benchmark.run_benchmark(
+        "toy", ["Pop", "LLMGen"], "full", None, overrides, str(tmp_path / "bench"),
+        log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
+    pop, llm = rows
+    assert pop["status"] == llm["status"] == "ok", llm.get("error")
+    assert llm["candidate_source"].endswith(".pth") and llm["users"] == pop["users"] == 7

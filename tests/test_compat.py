@@ -100,3 +100,33 @@ def test_recbole_sine_import_no_longer_leaves_anomaly_detection_on():
     )
     assert fixed.stdout.strip().splitlines()[-1] == "False"
     assert not torch.is_anomaly_enabled()
+
+
+def _exhaustive(tmp_path):
+    from recbole.trainer.hyper_tuning import HyperTuning
+
+    params = tmp_path / "hp.txt"
+    params.write_text("a choice [1,2,3]\nb choice ['x','y']\n")
+    seen = []
+
+    def objective(config_dict, config_file_list):
+        seen.append((config_dict["a"], config_dict["b"]))
+        result = {"ndcg@10": config_dict["a"] / 10}
+        return {"model": "toy", "best_valid_score": config_dict["a"], "valid_score_bigger": True,
+                "best_valid_result": result, "test_result": result}  # fmt: skip
+
+    tuner = HyperTuning(objective, params_file=str(params), algo="exhaustive")
+    tuner.run()
+    return tuner, seen
+
+
+def test_recbole_exhaustive_search_runs_on_todays_hyperopt(tmp_path, monkeypatch):
+    import numpy
+    import recbole.trainer.hyper_tuning as hyper_tuning
+
+    tuner, seen = _exhaustive(tmp_path)
+    assert sorted(seen) == sorted((a, b) for a in (1, 2, 3) for b in "xy")  # every combination once
+    assert tuner.best_params["a"] == 3
+    monkeypatch.setattr(hyper_tuning, "np", numpy)  # RecBole's own RandomState: what the fix replaces
+    with pytest.raises(AttributeError, match="integers"):
+        _exhaustive(tmp_path)

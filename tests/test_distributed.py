@@ -150,6 +150,7 @@ def _rank_main(local_rank: int, config_dict: dict, port: str, out_dir: str) -> N
     }
     trainer.fit(train_data, valid_data, saved=True)
     report["trained"] = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    report["fusion_weight"] = model.fusion_weight
     report["test_result"] = dict(trainer.evaluate(test_data, load_best_model=True))
     interaction = next(iter(test_data))[0]
     report["users"] = interaction["user_id"].tolist()
@@ -165,10 +166,14 @@ def _launch(config: dict, tmp_path) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("train_mode", ["lora", "full"])
-def test_training_on_two_ranks_syncs_weights_and_writes_one_agreed_checkpoint(odd_config, tmp_path, train_mode):
+SEQUENCE = {"prompt_format": "list", "llm_train_objective": "sequence", "max_history_items": 3, "score_fusion": "auto"}
+
+
+@pytest.mark.parametrize(("train_mode", "extra"), [("lora", {}), ("full", {}), ("lora", SEQUENCE)])
+def test_training_on_two_ranks_syncs_weights_and_writes_one_agreed_checkpoint(odd_config, tmp_path, train_mode, extra):
     config = dict(
         odd_config,
+        **extra,
         train_mode=train_mode,
         epochs=1,
         train_batch_size=4,  # 2 rows per rank per step, in micro-batches of 1: accumulation + one all-reduce
@@ -197,6 +202,8 @@ def test_training_on_two_ranks_syncs_weights_and_writes_one_agreed_checkpoint(od
     assert [p.name for p in (tmp_path / "saved").glob("*.pth")] == ["LLMGen-clock-of-rank-0.pth"]
     assert zero["test_result"] == one["test_result"]
     assert zero["users"] == one["users"] and torch.equal(zero["scores"], one["scores"])
+    assert zero["fusion_weight"] == one["fusion_weight"]  # score_fusion: auto chose one weight for all ranks
+    assert (zero["fusion_weight"] is not None) == ("score_fusion" in extra)
 
     from recbole.quick_start import load_data_and_model
 

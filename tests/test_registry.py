@@ -72,3 +72,26 @@ def test_duplicate_registration_refused():
         registry.register_model("LLMGen", recbole_llmgen.LLMGen, "x.yaml")
     with pytest.raises(ValueError, match="built-in"):
         registry.register_model("SASRec", recbole_llmgen.LLMGen, "x.yaml")
+
+
+def test_a_model_section_of_a_config_file_applies_to_that_model_only(toy_config_dict, tmp_path):
+    """`LLMGen: {...}` in a config file reaches LLMGen (at the file layer: a config dict still
+    wins) and no other model; the file's top-level keys reach every model."""
+    from recbole.config import Config
+
+    path = tmp_path / "scoped.yaml"
+    path.write_text(
+        "topk: [5]\nLLMGen:\n  epochs: 1\n  num_candidates: 7\n  max_history_items: 3\nBPR:\n  embedding_size: 12\n"
+    )
+    common = {"data_path": toy_config_dict["data_path"], "state": "ERROR"}
+    llm = Config(
+        model="LLMGen",
+        dataset="toy",
+        config_file_list=[str(path)],
+        config_dict={**common, "llm_path": toy_config_dict["llm_path"], "max_history_items": 4},
+    )
+    assert (llm["epochs"], llm["num_candidates"], llm["max_history_items"], llm["topk"]) == (1, 7, 4, [5])
+    assert "LLMGen" not in llm.final_config_dict and "BPR" not in llm.final_config_dict
+    bpr = Config(model="BPR", dataset="toy", config_file_list=[str(path)], config_dict=common)
+    assert bpr["embedding_size"] == 12 and bpr["topk"] == [5] and bpr["epochs"] != 1
+    assert bpr["num_candidates"] is None

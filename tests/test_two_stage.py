@@ -60,10 +60,68 @@ def test_model_file_proposes_the_candidates(toy_config_dict):
     assert list(model.state_dict()) == ["_extra_state"]  # SASRec is neither trained nor saved with LLMGen
 
 
-def test_model_file_with_other_item_mapping_is_refused(toy_config_dict):
-    path = _sasrec_file(toy_config_dict, item_inter_num_interval="[4,inf)")
-    with pytest.raises(ValueError, match=r"candidate_source: .* another item mapping .*item_inter_num_interval"):
-        build({**toy_config_dict, "candidate_source": path})
+def _bpr_file(toy_config_dict, **extra) -> str:
+    from recbole.trainer import Trainer
+
+    config_dict = {
+        "data_path": toy_config_dict["data_path"],
+        "load_col": None,
+        "epochs": 3,
+        "embedding_size": 8,
+        "state": "ERROR",
+        "show_progress": False,
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+        **extra,
+    }
+    config, model, train_data, valid_data, _ = build(config_dict, model="BPR")
+    trainer = Trainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    return trainer.saved_model_file
+
+
+FILTERED = {"item_inter_num_interval": "[2,inf)", "user_inter_num_interval": "[11,inf)"}  # 7 of 8 users, 26 of 30 items
+
+
+def test_a_candidate_model_with_other_id_mappings_ranks_by_tokens(toy_config_dict):
+    """BPR trained on filtered data without the item file (other user and item ids than LLMGen's):
+    LLMGen ranks the candidates exactly as BPR ranks them on its own test split, token for token;
+    items BPR does not know come after the ones it knows."""
+    from recbole.quick_start import load_data_and_model
+
+    from recbole_llmgen.two_stage import MappedCandidateModel
+
+    path = _bpr_file(toy_config_dict, **FILTERED)
+    config, bpr, dataset, _, _, own_test = load_data_and_model(path)
+    expected = {}
+    for interaction, history, _, _ in own_test:
+        with torch.no_grad():
+            scores = bpr.full_sort_predict(interaction).view(len(interaction), -1)
+        scores[history[0], history[1]] = -math.inf
+        scores[:, 0] = -math.inf
+        for row, user in enumerate(interaction["user_id"].tolist()):
+            order = torch.sort(scores[row], descending=True, stable=True).indices
+            known = [i for i in order.tolist() if scores[row, i] > -math.inf]
+            expected[dataset.id2token("user_id", user)] = [dataset.id2token("item_id", i) for i in known]
+
+    _, model, _, _, test_data = build({**toy_config_dict, "candidate_source": path})  # LLMGen unfiltered
+    assert isinstance(model.candidate_model(), MappedCandidateModel)
+    assert model.n_items - 1 > len(dataset.field2id_token["item_id"]) - 1  # the item file adds items
+    assert len(expected) < len(model._candidate_dataset.field2id_token["user_id"]) - 1  # a user BPR never saw
+    users = model._candidate_dataset.field2id_token["user_id"]
+    items = model._candidate_dataset.field2id_token["item_id"]
+    compared = 0
+    for interaction, *_ in test_data:
+        retrieval = model.retrieval_scores(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], interaction)
+        for row, user in enumerate(interaction["user_id"].tolist()):
+            if str(users[user]) not in expected:
+                continue  # BPR's padding user: scores, but nothing to compare with
+            order = torch.sort(retrieval[row], descending=True, stable=True).indices.tolist()
+            ranked = [str(items[i]) for i in order if retrieval[row, i] > -math.inf]
+            mine = expected[str(users[user])]
+            assert ranked[: len(mine)] == [str(t) for t in mine]  # BPR's own order, token for token
+            assert not set(ranked[len(mine) :]) & set(mine)  # the rest: items BPR does not know
+            compared += 1
+    assert compared == len(expected)
 
 
 def test_model_file_of_another_dataset_is_refused(toy_config_dict, toy_root):
