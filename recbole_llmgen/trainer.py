@@ -33,7 +33,10 @@ class LLMGenTrainer(Trainer):
       ``llm_train_examples_per_user`` examples. Each RecBole batch (``train_batch_size`` rows) is
       one optimizer step, accumulated over micro-batches of ``llm_train_batch_size`` rows; bf16
       autocast on CUDA and on CPUs with native bf16 (``LLMGen.training_precision``). ``checkpoint: PATH``
-      resumes training from a saved checkpoint.
+      resumes training from a saved checkpoint. ``llm_train_objective: sequence`` trains on
+      :class:`~recbole_llmgen.sequence.WindowLoader` batches (every training interaction each epoch)
+      instead; a loss line every ``LOG_EVERY`` optimizer steps gives the curve within an epoch.
+    * ``score_fusion: auto``: every validation first chooses the LLM's fusion weight on the valid split.
     """
 
     def __init__(self, config, model):
@@ -148,6 +151,7 @@ class LLMGenTrainer(Trainer):
         return super()._valid_epoch(valid_data, show_progress=show_progress)
 
     def choose_fusion_weight(self, valid_data) -> float:
+        """The weight of ``FUSION_GRID`` with the best ``valid_metric`` on ``valid_data``; set on the model."""
         results = {}
         for weight in FUSION_GRID:
             self.model.fusion_weight = weight
