@@ -158,7 +158,7 @@ def objectives(args, overrides: dict, out: str) -> dict:
 
     def window_batches(count, offset=0):
         chosen = full[offset : offset + count]
-        lengths = [len(model.list_prompt([])) + sum(len(model.item_token_ids[i]) for i in w) for w in chosen]
+        lengths = [model.list_length(w) for w in chosen]
         return sequence.WindowLoader(train_data._dataset, chosen, lengths, config["train_batch_size"], 0)
 
     trainer._train_epoch(window_batches(config["train_batch_size"], offset=len(full) - config["train_batch_size"]), 0)

@@ -209,9 +209,14 @@ def best_fusion_results(trainer, scores: list[tuple[int, float]]) -> dict:
     history = getattr(trainer, "fusion_history", None) or []
     if not history or len(history) != len(scores):
         return history[-1] if history else {}
+    return history[best_validation(trainer, scores)]
+
+
+def best_validation(trainer, scores: list[tuple[int, float]]) -> int:
+    """Index in ``scores`` of the validation whose checkpoint RecBole kept (its `>=`: the last tie)."""
     bigger = getattr(trainer, "valid_metric_bigger", True)
     target = (max if bigger else min)(score for _, score in scores)
-    return history[[i for i, (_, score) in enumerate(scores) if score == target][-1]]
+    return [i for i, (_, score) in enumerate(scores) if score == target][-1]
 
 
 def training_record(trainer, config, scores: list[tuple[int, float]]) -> dict:
@@ -225,9 +230,7 @@ def training_record(trainer, config, scores: list[tuple[int, float]]) -> dict:
     cap = int(getattr(trainer, "epochs", None) or config["epochs"])  # RecBole's TraditionalTrainer forces 1
     best = None
     if scores:
-        bigger = getattr(trainer, "valid_metric_bigger", True)
-        target = (max if bigger else min)(score for _, score in scores)
-        best = [epoch for epoch, score in scores if score == target][-1]  # RecBole's `>=`: the last tie is kept
+        best = scores[best_validation(trainer, scores)][0]
     if epochs == 0:
         stopped = "none"
     elif config["MODEL_TYPE"] == ModelType.TRADITIONAL:

@@ -101,23 +101,3 @@ def fuse(llm_scores: torch.Tensor, candidate_scores: torch.Tensor, weight: float
     side_z = standardize(torch.where(valid, candidate_scores.double(), torch.full_like(llm_z, -math.inf)))
     fused = weight * torch.where(valid, llm_z, 0.0) + (1.0 - weight) * torch.where(valid, side_z, 0.0)
     return torch.where(valid, fused, torch.full_like(fused, -math.inf)).float()
-
-
-def items_per_user(dataset, uid: str, iid: str, seq_field: str, len_field: str) -> dict[int, list[int]]:
-    """Every item of each user's training split: the targets of its augmented rows and the history
-    of its first row (a sequential dataset), or its interactions (a general one)."""
-    feat = dataset.inter_feat
-    if uid not in feat or iid not in feat:
-        return {}
-    users, items = feat[uid].numpy(), feat[iid].numpy()
-    found: dict[int, set[int]] = {}
-    for user, item in zip(users.tolist(), items.tolist()):
-        found.setdefault(user, set()).add(item)
-    if seq_field in feat:  # the first items of a sequence appear only in histories
-        histories, lengths = feat[seq_field].numpy(), feat[len_field].numpy()
-        firsts = {}
-        for row, user in enumerate(users.tolist()):
-            firsts.setdefault(user, row)
-        for user, row in firsts.items():
-            found[user].update(int(i) for i in histories[row, : lengths[row]] if i)
-    return {user: sorted(items) for user, items in found.items()}

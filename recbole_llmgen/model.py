@@ -205,6 +205,8 @@ class LLMGen(SequentialRecommender):
             raise ValueError(
                 f"use_chat_template: True, but the tokenizer of {config['llm_path']!r} has no chat template"
             )
+        # list format: the header's tokens, once (every prompt and training row starts with them)
+        self.list_head = self._encode(self.list_header) if self.prompt_format == "list" else None
         context = getattr(llm.config, "max_position_embeddings", None) or 2048
         self.max_length = int(config["llm_max_length"] or context)
         self.item_token_ids = self._tokenize_items()
@@ -216,7 +218,8 @@ class LLMGen(SequentialRecommender):
 
         # --- candidates ---
         self.item_counts = cand.item_counts(dataset.inter_feat[self.ITEM_ID], self.n_items)
-        self.training_items = cand.items_per_user(dataset, self.USER_ID, self.ITEM_ID, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
+        # every training item of each user (masked from its candidates, as RecBole masks a general model's history)
+        self.training_items = {u: sorted(set(seq)) for u, seq in sequence.training_sequences(dataset).items()}
         # a classic RecBole model's checkpoint proposes candidates; saved with LLMGen's checkpoint
         self.other_parameter_name = ["candidate_model_file", "fusion_weight"]
         self.candidate_model_file = self.candidate_source if self.candidate_kind == "file" else None
@@ -448,21 +451,24 @@ class LLMGen(SequentialRecommender):
     def list_prompt(self, window: list[int], reserve: int = 0) -> list[int]:
         """``prompt_format: list``: the header's tokens, then each item's own tokens (text and line
         break), so a training window and a prompt hold the very same tokens at the same positions."""
-        head = self._encode(self.list_header)
-        while len(head) + sum(len(self.item_token_ids[i]) for i in window) + reserve > self.max_length:
+        while self.list_length(window) + reserve > self.max_length:
             if not window:
                 raise ValueError(
-                    f"llm_max_length: the list prompt needs {len(head) + reserve} tokens even without history, "
-                    f"more than the limit {self.max_length}; shorten list_prompt_template"
+                    f"llm_max_length: the list prompt needs {len(self.list_head) + reserve} tokens even without "
+                    f"history, more than the limit {self.max_length}; shorten list_prompt_template"
                 )
             window = window[1:]
-        return head + [t for i in window for t in self.item_token_ids[i]]
+        return self.list_head + [t for i in window for t in self.item_token_ids[i]]
+
+    def list_length(self, window: list[int]) -> int:
+        """Tokens of the list prompt (or training row) of ``window``: the header, then each item's."""
+        return len(self.list_head) + sum(len(self.item_token_ids[i]) for i in window)
 
     # ------------------------------------------------------------------ scoring
     def shared_prefix(self) -> scoring.SharedPrefix:
         """KV cache of the prompt tokens common to every user (computed once)."""
         if self._shared_prefix is None and self.prompt_format == "list":
-            head = self._encode(self.list_header)
+            head = self.list_head
             self._shared_prefix = scoring.SharedPrefix(self.llm, head[: max(len(head) - 1, 1)])
         if self._shared_prefix is None:
             a = self._encode(self.render_prompt(text.user_prompt(self.prompt_template, ["x"])))
@@ -655,10 +661,10 @@ class LLMGen(SequentialRecommender):
         """List rows of training windows (header, then each item's tokens) and the [start, end)
         span of every item after the first: the items the window trains. A window longer than the
         context loses its oldest items."""
-        head = self.list_prompt([])
+        head = self.list_head
         rows, spans = [], []
         for window in windows:
-            while len(window) > 2 and len(head) + sum(len(self.item_token_ids[i]) for i in window) > self.max_length:
+            while len(window) > 2 and self.list_length(window) > self.max_length:
                 window = window[1:]
             tokens = [self.item_token_ids[i] for i in window]
             rows.append(head + [t for item in tokens for t in item])

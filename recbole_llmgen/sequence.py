@@ -124,6 +124,4 @@ def window_loader(train_data, model, batch_size: int, seed: int) -> WindowLoader
         raise ValueError(
             "llm_train_objective: sequence found no user with two or more training interactions to make a window of"
         )
-    head = len(model.list_prompt([]))
-    lengths = [head + sum(len(model.item_token_ids[i]) for i in w) for w in items]
-    return WindowLoader(dataset, items, lengths, batch_size, seed)
+    return WindowLoader(dataset, items, [model.list_length(w) for w in items], batch_size, seed)

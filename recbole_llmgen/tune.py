@@ -81,16 +81,24 @@ def hyperopt_space(params: dict[str, tuple[str, object]]) -> dict:
     return space
 
 
+def trial_config(dataset: str, config_files: list[str] | None, settings: dict) -> dict:
+    """``settings`` as a run's config dict: the default data_path unless set, every column of a
+    dataset without a RecBole yaml (as ``recbole-llmgen run`` and the benchmark do)."""
+    from recbole_llmgen.quick_start import DEFAULT_DATA_PATH, _user_sets, every_column_unless_set
+
+    config = dict(settings)
+    if not _user_sets("data_path", config_files, config):
+        config["data_path"] = DEFAULT_DATA_PATH
+    return every_column_unless_set(dataset, config)
+
+
 def known_keys(model: str, dataset: str, config_files: list[str] | None, overrides: dict) -> set[str]:
     """Every key RecBole's Config knows for ``model`` on ``dataset`` (its defaults and the model's)."""
-    from recbole_llmgen.quick_start import DEFAULT_DATA_PATH, _user_sets, every_column_unless_set, recbole_argv
+    from recbole_llmgen.quick_start import recbole_argv
     from recbole_llmgen.two_stage import build_config
 
-    config_dict = dict(overrides)
-    if not _user_sets("data_path", config_files, config_dict):
-        config_dict["data_path"] = DEFAULT_DATA_PATH
     with recbole_argv([]):
-        config = build_config(model, dataset, every_column_unless_set(dataset, config_dict), config_files)
+        config = build_config(model, dataset, trial_config(dataset, config_files, overrides), config_files)
     return set(config.final_config_dict)
 
 
@@ -114,8 +122,6 @@ def run_tune(
     import pandas as pd
     import yaml
     from recbole.trainer.hyper_tuning import HyperTuning
-
-    from recbole_llmgen.quick_start import DEFAULT_DATA_PATH, _user_sets, every_column_unless_set
 
     if algo not in ALGOS:
         raise ValueError(f"algo: {algo!r} is not allowed; choose one of {', '.join(ALGOS)}")
@@ -151,10 +157,9 @@ def run_tune(
 
     def objective(config_dict: dict, config_file_list) -> dict:
         params = {k: _jsonable(v) for k, v in config_dict.items()}
-        config = {**overrides, **params, "checkpoint_dir": os.path.join(out, "saved")}
-        if not _user_sets("data_path", config_files, config):
-            config["data_path"] = DEFAULT_DATA_PATH
-        config = every_column_unless_set(dataset, config)
+        config = trial_config(
+            dataset, config_files, {**overrides, **params, "checkpoint_dir": os.path.join(out, "saved")}
+        )
         spec = {"model": model, "dataset": dataset, "config": config, "config_files": config_files, "llm_valid": True}
         digest = benchmark.run_hash(spec)
         if digest in finished:
@@ -200,9 +205,7 @@ def run_tune(
         best = max(ok, key=lambda r: r["best_valid_score"])
         with open(os.path.join(out, "best.yaml"), "w", encoding="utf-8") as f:
             f.write(f"# best of {len(rows)} trials by {best['valid_metric']} on the valid split ({model}, {dataset})\n")
-            yaml.safe_dump(
-                {k[len("param_") :]: v for k, v in best.items() if k.startswith("param_")}, f, sort_keys=False
-            )
+            yaml.safe_dump(_params(best), f, sort_keys=False)
     return rows
 
 

@@ -60,8 +60,8 @@ class MappedCandidateModel:
     token, and its scores come back in LLMGen's. Items it does not know score below every item it
     knows (in item-id order); a user it does not know is its padding user."""
 
-    def __init__(self, model, user_map: torch.Tensor, item_map: torch.Tensor, n_theirs: int):
-        self.model, self.user_map, self.item_map, self.n_theirs = model, user_map, item_map, n_theirs
+    def __init__(self, model, user_map: torch.Tensor, item_map: torch.Tensor):
+        self.model, self.user_map, self.item_map = model, user_map, item_map
 
     def to(self, device):
         self.model = self.model.to(device)
@@ -92,7 +92,7 @@ class MappedCandidateModel:
     @torch.no_grad()
     def scores(self, interaction, device) -> torch.Tensor:
         theirs = self.model.full_sort_predict(self.translate(interaction).to(device))
-        theirs = theirs.view(len(interaction), -1).float().cpu()  # [B, n_theirs]
+        theirs = theirs.view(len(interaction), -1).float().cpu()  # [B, its items]
         known = self.item_map > 0
         floor = theirs.min(dim=1, keepdim=True).values - 1.0
         ranks = torch.arange(len(self.item_map), dtype=torch.float) / len(self.item_map)
@@ -140,7 +140,7 @@ def load_candidate_model(path: str, config, dataset):
     model.eval()
     if same:
         return model
-    return MappedCandidateModel(model, token_map(*users), token_map(*items), len(items[1]))
+    return MappedCandidateModel(model, token_map(*users), token_map(*items))
 
 
 @torch.no_grad()

@@ -127,3 +127,21 @@ def build(config_dict: dict, dataset: str = "toy", model: str = "LLMGen"):
     train_data, valid_data, test_data = data_preparation(config, data)
     model_obj = get_model(config["model"])(config, train_data._dataset)
     return config, model_obj, train_data, valid_data, test_data
+
+
+def train_steps(model, batch, steps: int, seed: int | None = None) -> list[float]:
+    """Losses of ``steps`` Adam steps (lr 1e-2) on one batch; ``seed`` reset before each step
+    (the same random choices every step, e.g. verbalizer candidate lists)."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        if seed is not None:
+            torch.manual_seed(seed)
+        optimizer.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

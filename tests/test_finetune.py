@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import build
+from conftest import build, train_steps
 
 from recbole_llmgen import finetune
 from recbole_llmgen.scoring import naive_scores
@@ -77,16 +77,7 @@ def test_micro_batches_accumulate_the_same_gradient(toy_config_dict):
 def test_loss_decreases(toy_config_dict, score_method):
     _, model, train_data, *_ = build(_lora(toy_config_dict, score_method=score_method, lora_dropout=0.0))
     batch = _batch(train_data, rows=4)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    losses = []
-    for _ in range(8):
-        torch.manual_seed(1)  # verbalizer: the same candidate lists every step
-        optimizer.zero_grad()
-        loss = model.calculate_loss(batch)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 8, seed=1)  # verbalizer: the same candidate lists every step
     assert losses[-1] < 0.7 * losses[0], losses
 
 

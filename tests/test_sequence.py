@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import build
+from conftest import build, train_steps
 
 from recbole_llmgen import finetune, sequence
 from recbole_llmgen.trainer import LLMGenTrainer
@@ -137,14 +137,7 @@ def test_one_pass_trains_every_position(toy_config_dict):
     assert sum(len(s) for s in spans) == sum(len(w) - 1 for w in windows)
     expected = finetune.sequence_item_nll(model.llm, rows, spans, model.tokenizer.pad_token_id).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        optimizer.zero_grad()
-        step = model.calculate_loss(batch)
-        step.backward()
-        optimizer.step()
-        losses.append(step.item())
+    losses = train_steps(model, batch, 6)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
