@@ -12,13 +12,14 @@ compat.apply()
 import os  # noqa: E402
 
 from recbole_llmgen import registry  # noqa: E402
+from recbole_llmgen.conversation import Session  # noqa: E402
 from recbole_llmgen.model import LLMGen, finalize_config  # noqa: E402
 from recbole_llmgen.quick_start import run_recbole  # noqa: E402
 from recbole_llmgen.recommend import recommend  # noqa: E402
 from recbole_llmgen.trainer import LLMGenTrainer  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LLMGen", "LLMGenTrainer", "run_recbole", "recommend", "__version__"]
+__all__ = ["LLMGen", "LLMGenTrainer", "Session", "run_recbole", "recommend", "__version__"]
 
 if "LLMGen" not in registry.plugin_models():
     registry.register_model(

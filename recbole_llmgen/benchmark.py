@@ -27,6 +27,8 @@ import traceback
 from collections.abc import Callable
 
 from recbole_llmgen import per_user
+from recbole_llmgen.regime import REGIME_KEYS, Regime, check_targets, selected_users
+from recbole_llmgen.regime import prepare as prepare_regime
 
 DEFAULT_MODELS = ("Pop", "BPR", "SASRec", "LLMGen")
 PROTOCOLS = ("full", "uni19", "uni100")
@@ -359,6 +361,8 @@ def run_benchmark(
     runner: Callable[[dict, str], dict] = run_in_subprocess,
     llm_valid: bool = False,
     llm_nproc: int = 1,
+    regime: Regime | None = None,
+    requests: bool = False,
 ) -> list[dict]:
     """Run ``models`` on ``dataset`` (classic models first), write the three files, return the rows.
 
@@ -366,6 +370,8 @@ def run_benchmark(
     off by default to keep the default run within a laptop budget). Trained models always validate.
     ``llm_nproc``: LLMGen runs in that many processes (RecBole's multi-process mode: the same
     metrics, evaluation split between them); the classic models, cheap to run, stay in one.
+    ``regime``: sparse training data and cold-start users or items (:mod:`recbole_llmgen.regime`).
+    ``requests``: also the request protocol (:mod:`recbole_llmgen.request_bench`): requests.md/.csv.
     """
     from recbole_llmgen.registry import known_model_names
 
@@ -384,11 +390,18 @@ def run_benchmark(
     for path in config_files or []:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config_files: {path!r} does not exist")
+    regime = regime or Regime()
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    data_path, users = regime_data(regime, dataset, overrides, config_files, out)
     ordered = [m for m in models if m != "LLMGen"] + [m for m in models if m == "LLMGen"]
+    if requests and ("LLMGen" not in ordered or len(ordered) < 2):
+        raise ValueError("requests: the request protocol needs LLMGen and a classic model in models")
     rows: list[dict] = []
+    specs: dict[str, dict] = {}
     for index, model in enumerate(ordered, 1):
         config = model_config(model, dataset, protocol, overrides, out, config_files)
+        if data_path is not None:  # the regime's copy of the data, for every model
+            config["data_path"] = data_path
         if model == "LLMGen" and "candidate_source" not in overrides:
             best = best_classic(rows)
             if best is not None:
@@ -400,6 +413,7 @@ def run_benchmark(
         if model == "LLMGen" and llm_nproc > 1:
             spec["nproc"] = llm_nproc
         digest = run_hash(spec)
+        specs[model] = spec
         record = os.path.join(out, "runs", f"{model}.json")
         previous = _read(record)
         if (
@@ -424,8 +438,55 @@ def run_benchmark(
             )
         else:
             log(f"    FAILED: {row.get('error')}")
-    write_outputs(rows, out, {"dataset": dataset, "protocol": protocol, "overrides": overrides})
+    meta = {"dataset": dataset, "protocol": protocol, "overrides": overrides, "regime": regime, "users": users}
+    write_outputs(rows, out, meta)
+    if requests:
+        run_requests(rows, specs.get("LLMGen"), out, log)
     return rows
+
+
+def run_requests(rows: list[dict], spec: dict | None, out: str, log: Callable[[str], None]) -> None:
+    """The request protocol over the run's LLMGen (its checkpoint when it was trained) and best
+    classic model; reused while LLMGen's run and the classic model file are unchanged."""
+    from recbole_llmgen.request_bench import VERSION, run_request_protocol
+
+    llm = next((r for r in rows if r["model"] == "LLMGen" and r.get("status") == "ok"), None)
+    best = best_classic(rows)
+    if spec is None or llm is None or best is None:
+        log("requests: skipped (LLMGen or every classic model failed)")
+        return
+    spec = {**spec, "model_file": llm.get("model_file") if (llm.get("trainable_parameters") or 0) > 0 else None}
+    digest = f"{run_hash(spec)}-{spec['model_file']}-v{VERSION}"
+    record = os.path.join(out, "runs", "requests.json")
+    previous = _read(record)
+    if previous and previous.get("hash") == digest and os.path.isfile(os.path.join(out, "requests.md")):
+        log("requests: finished before with the same LLMGen run, reused")
+        return
+    log("requests: the request protocol (valid: weight; test: rows)")
+    start = time.perf_counter()
+    request_rows = run_request_protocol(spec, out, best["model"])
+    _write_json(record, {"hash": digest, "rows": request_rows, "wall_seconds": round(time.perf_counter() - start, 1)})
+    log(f"    wrote {os.path.join(out, 'requests.md')} ({time.perf_counter() - start:.0f} s)")
+
+
+def regime_data(regime: Regime, dataset: str, overrides: dict, config_files: list[str] | None, out: str):
+    """``(data_path, users)``: the regime's copy of the data (None: the user's own) and its per-user
+    table (training interactions, test target) restricted to the users it evaluates. The dataset's
+    folder, columns and seed are read from RecBole's Config, as every model of the run reads them.
+    A default regime on a dataset without atomic files under data_path gives no table (None)."""
+    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.two_stage import build_config
+
+    with recbole_argv([]):
+        config = build_config("Pop", dataset, model_config("Pop", dataset, "full", overrides, out, config_files),
+                              config_files)  # fmt: skip
+    try:
+        data_path, table = prepare_regime(regime, config, out)
+    except (FileNotFoundError, ValueError):
+        if not regime.is_default:
+            raise
+        return None, None  # the plain benchmark never needed the file itself
+    return data_path, table.loc[selected_users(regime, table)]
 
 
 def _read(path: str) -> dict | None:
@@ -465,10 +526,14 @@ def _label(row: dict) -> str:
 INTERVAL_METRICS = ("ndcg@10", "hit@10")
 
 
-def add_intervals(rows: list[dict], out: str) -> None:
+def add_intervals(rows: list[dict], out: str, meta: dict | None = None) -> None:
     """Per row: users evaluated and 95% bootstrap intervals of test NDCG@10 / Hit@10; per LLMGen
     row: the paired interval of its difference to the best classic model (by validation, as for
-    its candidates). Every model of the run must have evaluated the same users on the same targets."""
+    its candidates). Every model of the run must have evaluated the same users on the same targets.
+    A regime that selects users (cold users or items): each row's test metrics become the means over
+    those users (the per-user values RecBole's figures average)."""
+    meta = meta or {}
+    regime, users = meta.get("regime") or Regime(), meta.get("users")
     frames = {}
     for row in rows:
         path = os.path.abspath(per_user.users_file(os.path.join(out, "runs", row["model"])))
@@ -480,12 +545,26 @@ def add_intervals(rows: list[dict], out: str) -> None:
         first, reference = next(iter(frames.items()))
         for model, frame in frames.items():
             per_user.same_evaluation(reference, frame, (first, model))  # same users and targets, or a named error
+        if users is not None:
+            try:
+                check_targets(reference, users, first)
+            except ValueError:
+                if not regime.is_default:
+                    raise
+                meta["users"] = users = None  # RecBole filtered the data: the file's counts do not apply
+    if regime.selects_users:
+        frames = {name: frame.loc[users.index] for name, frame in frames.items()}
     best = best_classic(rows)
     for row in rows:
         frame = frames.get(row_name(row))
         if frame is None:
             continue
         row["users"] = len(frame)
+        if users is not None:
+            row["avg_train_items"] = round(float(users["train_items"].mean()), 2)
+        if regime.selects_users:
+            for metric in frame.columns.drop("targets", errors="ignore"):
+                row[f"test_{metric}"] = _number(frame[metric].mean())
         for metric in INTERVAL_METRICS:
             if metric in frame.columns:
                 low, high = per_user.bootstrap_interval(frame[metric].to_numpy(float))
@@ -526,9 +605,12 @@ def _difference(row: dict, metric: str) -> str:
 def write_outputs(rows: list[dict], out: str, meta: dict) -> None:
     import pandas as pd
 
-    add_intervals(rows, out)
+    add_intervals(rows, out, meta)
     frame = pd.DataFrame(rows)
     frame.insert(0, "label", [_label(r) for r in rows])
+    regime = meta.get("regime") or Regime()
+    for key in REGIME_KEYS:
+        frame[key] = getattr(regime, key)
     frame.to_csv(os.path.join(out, "benchmark.csv"), index=False)
     with open(os.path.join(out, "benchmark.md"), "w", encoding="utf-8") as f:
         f.write(markdown_table(rows, meta))
@@ -550,7 +632,7 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         f"selects nothing on the valid split and is not evaluated there (valid '-'; --llm-valid does). "
         f"[low, high]: 95% bootstrap interval over the evaluated users ({per_user.RESAMPLES} resamples, "
         f"seed {per_user.SEED}); LLMGen's difference to the best classic model (by validation) is paired "
-        f"(the same resampled users for both); * = the interval excludes 0.\n\n"
+        f"(the same resampled users for both); * = the interval excludes 0.\n\n{regime_line(meta)}"
         "| model | users | test NDCG@10 [95% CI] | test Hit@10 [95% CI] | test MRR@10 | valid NDCG@10 | valid Hit@10 "
         "| NDCG@10 difference [95% CI] | epochs (best) / stopped by | train s | test eval s | peak MB "
         "| trainable / total params | status |\n"
@@ -571,6 +653,20 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
             f"{_cell(r.get('peak_memory_mb'), 0)} | {params} | {status} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def regime_line(meta: dict) -> str:
+    """The data regime, the users evaluated and their average training history (a line), or ''."""
+    regime, users = meta.get("regime") or Regime(), meta.get("users")
+    if users is None:
+        return "" if regime.is_default else f"Regime: {regime.describe()}.\n\n"
+    text = (
+        f"Regime: {regime.describe()}. Evaluated users: {len(users)}, average training history "
+        f"{users['train_items'].mean():.1f} interactions (median {users['train_items'].median():g})"
+    )
+    if regime.selects_users:
+        text += "; test columns over these users, valid columns over all users"
+    return text + ".\n\n"
 
 
 def plot(rows: list[dict], path: str, meta: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -20,14 +21,22 @@ def popularity_scores(counts: torch.Tensor, batch: int) -> torch.Tensor:
     return counts.float().unsqueeze(0).repeat(batch, 1)
 
 
-def encode_texts(encoder_path: str, texts: Sequence[str]) -> torch.Tensor:
-    """Unit-norm sentence embeddings of ``texts`` (index 0, padding, gets a zero vector). [N, d]"""
+@functools.lru_cache(maxsize=2)
+def _encoder(encoder_path: str):
+    """The sentence encoder, loaded once per process (a chat session encodes every request)."""
     from sentence_transformers import SentenceTransformer
 
     from recbole_llmgen.llm import encoder_folder
 
-    encoder = SentenceTransformer(encoder_folder(encoder_path), device="cpu", local_files_only=True)
-    embeddings = encoder.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True, batch_size=256)
+    return SentenceTransformer(encoder_folder(encoder_path), device="cpu", local_files_only=True)
+
+
+def encode_texts(encoder_path: str, texts: Sequence[str]) -> torch.Tensor:
+    """Unit-norm sentence embeddings of ``texts`` (index 0, padding, gets a zero vector). [N, d]"""
+    encoder = _encoder(encoder_path)
+    embeddings = encoder.encode(
+        list(texts), convert_to_tensor=True, normalize_embeddings=True, batch_size=256, show_progress_bar=False
+    )
     embeddings = embeddings.float().cpu().clone()  # sentence-transformers returns inference tensors
     embeddings[0] = 0
     return embeddings

@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from recbole_llmgen import per_user
+from recbole_llmgen import per_user, text
 from recbole_llmgen.benchmark import DEFAULT_MODELS, PROTOCOLS
 
 
@@ -59,13 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("recommend", help="top-k recommendations (with explanations) for given users")
     rec.add_argument("--dataset", "-d", default=None, help="dataset name (default: the model file's)")
-    rec.add_argument("--user", action="append", required=True, help="a user id of the dataset (repeatable)")
+    rec.add_argument("--user", action="append", default=None, help="a user id of the dataset (repeatable)")
+    rec.add_argument(
+        "--request", default=None, help="what the user asks for, in their own words (no --user: a new user)"
+    )
     rec.add_argument("--topk", type=int, default=10)
     rec.add_argument("--explain", action="store_true", help="one or two sentences per item from the LLM")
     rec.add_argument("--model-file", default=None, help="a saved LLMGen checkpoint (saved/LLMGen-*.pth)")
     rec.add_argument("--model", "-m", default="LLMGen")
     rec.add_argument("--config_files", nargs="+", default=None)
     rec.add_argument("--json", default=None, metavar="PATH", help="write the rows as a JSON list")
+
+    chat = sub.add_parser(
+        "chat",
+        help="an interactive session: type a request, see a list, give feedback (like 3, dislike 5, ...)",
+        epilog="Any --key=value is a config override. Commands in the session: " + text.CHAT_COMMANDS,
+    )
+    chat.add_argument("--dataset", "-d", default=None, help="dataset name (default: the model file's)")
+    chat.add_argument("--user", default=None, help="a user id of the dataset (default: a new user, no history)")
+    chat.add_argument("--model-file", default=None, help="a saved LLMGen checkpoint (saved/LLMGen-*.pth)")
+    chat.add_argument("--model", "-m", default="LLMGen")
+    chat.add_argument("--config_files", nargs="+", default=None)
+    chat.add_argument("--topk", type=int, default=10)
+    chat.add_argument("--explain", action="store_true", help="one sentence per item from the LLM (slower)")
+    chat.add_argument(
+        "--save-feedback", default=None, metavar="PATH", help="likes and dislikes as RecBole atomic .inter"
+    )
 
     bench = sub.add_parser(
         "benchmark",
@@ -84,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--llm-nproc",
         default="1",
         help="processes for LLMGen (same metrics, evaluation split between them); auto = min(2, CPU cores)",
+    )
+    bench.add_argument(
+        "--train_fraction", type=float, default=None, help="keep this seeded share (0, 1] of each user's training data"
+    )
+    bench.add_argument("--cold_users", type=int, default=None, help="evaluate users with <= N training interactions")
+    bench.add_argument(
+        "--cold_items", type=int, default=None, help="evaluate test targets with <= N training interactions"
+    )
+    bench.add_argument(
+        "--requests", action="store_true", help="also the request protocol (genre requests on ml-100k): requests.md"
+    )
+    bench.add_argument(
+        "--sweep",
+        default=None,
+        metavar="KEY=V1,V2,...",
+        help="one benchmark per value of train_fraction, cold_users or cold_items: sweep.csv, .md, .png",
     )
 
     tune = sub.add_parser(
@@ -142,12 +177,55 @@ def _from_config_files(paths) -> dict:
     return merged
 
 
+def _chat(args, overrides: dict, stdin=None, stdout=None) -> int:
+    """``recbole-llmgen chat``: read lines, answer each with a message and/or a numbered list."""
+    from recbole_llmgen.conversation import Session, format_rows
+    from recbole_llmgen.quick_start import recbole_argv
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if args.dataset is None and args.model_file is None:
+        raise SystemExit("recbole-llmgen chat: give --dataset or --model-file")
+    try:
+        with recbole_argv():
+            session = Session.open(args.dataset, args.user, args.model_file, args.config_files, overrides or None,
+                                   args.topk, args.explain, args.model)  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"recbole-llmgen chat: {error}") from None
+    session.feedback_path = args.save_feedback
+    who = f"user {args.user} ({len(session.history)} items in the history)" if args.user else "a new user"
+    print(f"recbole-llmgen chat with {who}. {text.CHAT_HELP}", file=stdout, flush=True)
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break  # end of input: like quit
+        start = time.perf_counter()
+        reply = session.handle(line)
+        if not interactive:
+            print(f"> {line.rstrip()}", file=stdout)
+        if reply.message:
+            print(reply.message, file=stdout)
+        if reply.rows:
+            print(format_rows(reply.rows), file=stdout)
+            print(f"({time.perf_counter() - start:.1f} s)", file=stdout)
+        stdout.flush()
+        if reply.done:
+            break
+    if args.save_feedback:
+        print(f"feedback: {len(session.events)} rows in {session.save_feedback(args.save_feedback)}", file=stdout)
+    return 0
+
+
 def _recommend(args, overrides: dict) -> int:
     from recbole_llmgen.quick_start import recbole_argv
     from recbole_llmgen.recommend import format_table, recommend
 
     if args.dataset is None and args.model_file is None:
         raise SystemExit("recbole-llmgen recommend: give --dataset or --model-file")
+    if not args.user and args.request is None:
+        raise SystemExit("recbole-llmgen recommend: give --user (repeatable), or --request for a new user")
     with recbole_argv():
         frame = recommend(
             args.user,
@@ -158,6 +236,7 @@ def _recommend(args, overrides: dict) -> int:
             model_file=args.model_file,
             explain=args.explain,
             model=args.model,
+            request=args.request,
         )
     print(format_table(frame))
     if args.json:
@@ -220,6 +299,41 @@ def _compare(args) -> int:
     return 0
 
 
+def _benchmark(args, overrides: dict) -> int:
+    """``recbole-llmgen benchmark``: one run, or with ``--sweep`` one run per value of a regime option."""
+    from recbole_llmgen.benchmark import run_benchmark
+    from recbole_llmgen.regime import check_regime
+    from recbole_llmgen.sweep import parse_sweep, run_sweep
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    options = {"train_fraction": args.train_fraction, "cold_users": args.cold_users, "cold_items": args.cold_items}
+    common = {"llm_valid": args.llm_valid, "llm_nproc": _llm_nproc(args.llm_nproc), "requests": args.requests}
+    start = time.perf_counter()
+    try:
+        if args.sweep:
+            key, values = parse_sweep(args.sweep)
+            out = args.out or f"results/sweep-{args.dataset}-{key}"
+            rows = run_sweep(
+                key, values, args.dataset, models, args.protocol, args.config_files, overrides, out, base=options,
+                **common,
+            )  # fmt: skip
+            table = os.path.join(out, "sweep.md")
+        else:
+            out = args.out or f"results/benchmark-{args.dataset}-{args.protocol}"
+            rows = run_benchmark(
+                args.dataset, models, args.protocol, args.config_files, overrides, out, regime=check_regime(**options),
+                **common,
+            )  # fmt: skip
+            table = os.path.join(out, "benchmark.md")
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"recbole-llmgen benchmark: {error}") from None
+    print(open(table, encoding="utf-8").read())
+    if args.requests and os.path.isfile(os.path.join(out, "requests.md")):
+        print(open(os.path.join(out, "requests.md"), encoding="utf-8").read())
+    print(f"wrote {table} (and .csv, .png) in {time.perf_counter() - start:.0f} s")
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -231,25 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(rest)
     if args.command == "recommend":
         return _recommend(args, overrides)
+    if args.command == "chat":
+        return _chat(args, overrides)
     if args.command == "benchmark":
-        from recbole_llmgen.benchmark import run_benchmark
-
-        out = args.out or f"results/benchmark-{args.dataset}-{args.protocol}"
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        start = time.perf_counter()
-        rows = run_benchmark(
-            args.dataset,
-            models,
-            args.protocol,
-            args.config_files,
-            overrides,
-            out,
-            llm_valid=args.llm_valid,
-            llm_nproc=_llm_nproc(args.llm_nproc),
-        )
-        print(open(os.path.join(out, "benchmark.md"), encoding="utf-8").read())
-        print(f"wrote {out}/benchmark.csv, benchmark.md, benchmark.png in {time.perf_counter() - start:.0f} s")
-        return 0 if all(r.get("status") == "ok" for r in rows) else 1
+        return _benchmark(args, overrides)
     if args.command == "tune":
         from recbole_llmgen.tune import run_tune
 

@@ -76,7 +76,7 @@ def _alias_history_lists(config) -> None:
 
 
 def finalize_config(config) -> None:
-    """Make RecBole load the item text fields (ml-100k's yaml loads only the .inter columns).
+    """Make RecBole load the item fields (ml-100k's yaml loads only the .inter columns).
 
     Runs after every config layer is merged. A ``load_col`` the user wrote is left alone: the
     model then names any missing field and how to add it.
@@ -92,16 +92,17 @@ def finalize_config(config) -> None:
         return
     fields = config.final_config_dict.get("item_text_fields", "auto")
     item_id = config.final_config_dict["ITEM_ID_FIELD"]
+    dataset = config.final_config_dict["dataset"]
+    header = read_atomic_header(os.path.join(config.final_config_dict["data_path"], f"{dataset}.item"))
     if fields == "auto":
-        dataset = config.final_config_dict["dataset"]
-        header = read_atomic_header(os.path.join(config.final_config_dict["data_path"], f"{dataset}.item"))
         if not header:
             return  # no .item file: the model reports it
         fields = text.default_text_fields(header, item_id)
     if isinstance(fields, str):
         fields = [fields]
     item_cols = list(load_col.get("item", [])) or [item_id]
-    for field in [item_id, *fields]:
+    # the text fields, and every other item field: a request ("a comedy") is matched to them (genres...)
+    for field in [item_id, *fields, *(header or [])]:
         if field not in item_cols:
             item_cols.append(field)
     config.final_config_dict["load_col"] = {**load_col, "item": item_cols}
@@ -146,6 +147,15 @@ class LLMGen(SequentialRecommender):
         if "{history}" not in (self.prompt_template or ""):
             raise ValueError(f"prompt_template: must contain '{{history}}', got {self.prompt_template!r}")
         self.system_prompt = config["system_prompt"]
+        self.request_template = config["request_template"] or ""
+        text.request_line(self.request_template, "x")  # a template without {request}: named now
+        self.request_weight = float(config["request_weight"] if config["request_weight"] is not None else 0.0)
+        if not 0.0 <= self.request_weight <= 1.0:
+            raise ValueError(f"request_weight: expected a number in [0, 1], got {config['request_weight']!r}")
+        focus = config["request_focus"]
+        if isinstance(focus, bool) or not isinstance(focus, (int, float)) or focus < 0:
+            raise ValueError(f"request_focus: expected a number >= 0, got {focus!r}")
+        self.request_focus = float(focus)
         self.prompt_format = choice(config, "prompt_format", text.PROMPT_FORMATS)
         self.list_header = text.list_header(config["list_prompt_template"]) if self.prompt_format == "list" else None
         if self.prompt_format == "list" and self.score_method == "verbalizer":
@@ -410,35 +420,38 @@ class LLMGen(SequentialRecommender):
         return self.tokenizer(prompt, add_special_tokens=not self.use_chat)["input_ids"]
 
     def build_prompt(
-        self, history: list[int], candidate_ids: list[int] | None = None, reserve_tokens: int = 0
+        self,
+        history: list[int],
+        candidate_ids: list[int] | None = None,
+        reserve_tokens: int = 0,
+        request: str | None = None,
     ) -> list[int]:
         """Prompt token ids from the most recent ``max_history_items`` items (oldest dropped on overflow).
 
         ``history`` holds inner item ids, oldest first, and never the target (RecBole's
-        ``item_id_list`` is the sequence *before* the target).
+        ``item_id_list`` is the sequence *before* the target). ``request``: what the user asks for
+        now, in their own words (chat: a line after the history; list: a line before the list, so
+        the list still ends where the next item begins).
         """
         window = [i for i in history if i != 0][-self.max_history_items :]
         reserve = reserve_tokens if candidate_ids is None else max(len(self.item_token_ids[i]) for i in candidate_ids)
+        line = text.request_line(self.request_template, request) if request is not None else None
         if self.prompt_format == "list":
-            return self.list_prompt(window, reserve)
+            return self.list_prompt(window, reserve, line)
         while True:
             texts = [self.item_texts[i] for i in window]
             if self.score_method == "verbalizer" and candidate_ids is not None:
                 user_text = text.verbalizer_prompt(
-                    self.prompt_template, texts, [self.item_texts[i] for i in candidate_ids]
+                    self.prompt_template, texts, [self.item_texts[i] for i in candidate_ids], line
                 )
                 reserve = 0
             else:
-                user_text = text.user_prompt(self.prompt_template, texts)
+                user_text = text.with_request(text.user_prompt(self.prompt_template, texts), line)
             ids = self._encode(self.render_prompt(user_text))
             if len(ids) + reserve <= self.max_length:
                 return ids
             if not window:
-                raise ValueError(
-                    f"llm_max_length: the prompt needs {len(ids) + reserve} tokens even without "
-                    f"history, more than the limit {self.max_length}; shorten prompt_template "
-                    "or use fewer candidates"
-                )
+                raise self._too_long(len(ids) + reserve, line)
             if not self._warned_overflow:
                 warnings.warn(
                     f"A prompt exceeded the model context ({self.max_length} tokens): dropping the "
@@ -448,17 +461,28 @@ class LLMGen(SequentialRecommender):
                 self._warned_overflow = True
             window = window[1:]
 
-    def list_prompt(self, window: list[int], reserve: int = 0) -> list[int]:
+    def _too_long(self, needed: int, line: str | None) -> ValueError:
+        if line is not None:
+            return ValueError(
+                f"request: too long for the model context: the prompt with it needs {needed} tokens even without "
+                f"history, more than the limit {self.max_length} (llm_max_length); ask in fewer words"
+            )
+        template = "list_prompt_template" if self.prompt_format == "list" else "prompt_template"
+        return ValueError(
+            f"llm_max_length: the prompt needs {needed} tokens even without history, more than the limit "
+            f"{self.max_length}; shorten {template} or use fewer candidates"
+        )
+
+    def list_prompt(self, window: list[int], reserve: int = 0, line: str | None = None) -> list[int]:
         """``prompt_format: list``: the header's tokens, then each item's own tokens (text and line
-        break), so a training window and a prompt hold the very same tokens at the same positions."""
-        while self.list_length(window) + reserve > self.max_length:
+        break), so a training window and a prompt hold the very same tokens at the same positions.
+        A request ``line`` goes before the header."""
+        head = self.list_head if line is None else self._encode(f"{line}\n{self.list_header}")
+        while len(head) + sum(len(self.item_token_ids[i]) for i in window) + reserve > self.max_length:
             if not window:
-                raise ValueError(
-                    f"llm_max_length: the list prompt needs {len(self.list_head) + reserve} tokens even without "
-                    f"history, more than the limit {self.max_length}; shorten list_prompt_template"
-                )
+                raise self._too_long(len(head) + reserve, line)
             window = window[1:]
-        return self.list_head + [t for i in window for t in self.item_token_ids[i]]
+        return head + [t for i in window for t in self.item_token_ids[i]]
 
     def list_length(self, window: list[int]) -> int:
         """Tokens of the list prompt (or training row) of ``window``: the header, then each item's."""
@@ -491,10 +515,13 @@ class LLMGen(SequentialRecommender):
         """Catalogue items reached by constrained beam search, best first: (item id, score)."""
         return self.generate_items_batch([history])[0]
 
-    def generate_items_batch(self, histories: list[list[int]]) -> list[list[tuple[int, float]]]:
+    def generate_items_batch(
+        self, histories: list[list[int]], requests: list[str | None] | None = None
+    ) -> list[list[tuple[int, float]]]:
         """:meth:`generate_items` for several users, ``generation_users_per_batch`` per forward pass."""
         longest = max(len(t) for t in self.item_token_ids[1:])
-        prompts = [self.build_prompt(h, reserve_tokens=longest) for h in histories]
+        requests = requests or [None] * len(histories)
+        prompts = [self.build_prompt(h, reserve_tokens=longest, request=r) for h, r in zip(histories, requests)]
         found = []
         step = self.generation_users_per_batch
         for start in range(0, len(prompts), step):
@@ -522,29 +549,43 @@ class LLMGen(SequentialRecommender):
         return self.score_candidates_batch([history], [candidate_ids], [user_key])[0]
 
     def score_candidates_batch(
-        self, histories: list[list[int]], candidate_lists: list[list[int]], user_keys: list[int] | None = None
+        self,
+        histories: list[list[int]],
+        candidate_lists: list[list[int]],
+        user_keys: list[int] | None = None,
+        requests: list[str | None] | None = None,
     ) -> list[torch.Tensor]:
         """:meth:`score_candidates` for several users in few forward passes: one [K_u] per user.
+        ``requests``: each user's own words, or None (see :meth:`build_prompt`).
 
         In evaluation the scores are kept until the weights change (training, loading a
         checkpoint): choosing the fusion weight on the valid split scores each user once."""
         user_keys = user_keys if user_keys is not None else [0] * len(histories)
+        requests = requests if requests is not None else [None] * len(histories)
         if self.training or torch.is_grad_enabled():
-            return self._score_uncached(histories, candidate_lists, user_keys)
-        keys = [(int(u), tuple(h), tuple(c)) for u, h, c in zip(user_keys, histories, candidate_lists)]
+            return self._score_uncached(histories, candidate_lists, user_keys, requests)
+        keys = [(int(u), tuple(h), tuple(c), r) for u, h, c, r in zip(user_keys, histories, candidate_lists, requests)]
         todo = [i for i, key in enumerate(keys) if key not in self._score_cache]
         if todo:
             fresh = self._score_uncached(
-                [histories[i] for i in todo], [candidate_lists[i] for i in todo], [user_keys[i] for i in todo]
+                [histories[i] for i in todo],
+                [candidate_lists[i] for i in todo],
+                [user_keys[i] for i in todo],
+                [requests[i] for i in todo],
             )
             self._score_cache.update({keys[i]: scores for i, scores in zip(todo, fresh)})
         return [self._score_cache[key] for key in keys]
 
     def _score_uncached(
-        self, histories: list[list[int]], candidate_lists: list[list[int]], user_keys: list[int]
+        self,
+        histories: list[list[int]],
+        candidate_lists: list[list[int]],
+        user_keys: list[int],
+        requests: list[str | None] | None = None,
     ) -> list[torch.Tensor]:
+        requests = requests if requests is not None else [None] * len(histories)
         if self.score_method in ("likelihood", "generate"):  # a beam's score is the likelihood
-            prompts = [self.build_prompt(h, c) for h, c in zip(histories, candidate_lists)]
+            prompts = [self.build_prompt(h, c, request=r) for h, c, r in zip(histories, candidate_lists, requests)]
             results = scoring.score_continuations(
                 self.llm,
                 prompts,
@@ -555,11 +596,11 @@ class LLMGen(SequentialRecommender):
             )
         else:
             prompts, labels, orders = [], [], []
-            for history, candidate_ids, user_key in zip(histories, candidate_lists, user_keys):
+            for history, candidate_ids, user_key, request in zip(histories, candidate_lists, user_keys, requests):
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(user_key))
                 for _ in range(self.verbalizer_permutations):
                     order = torch.randperm(len(candidate_ids), generator=generator).tolist()
-                    prompts.append(self.build_prompt(history, [candidate_ids[i] for i in order]))
+                    prompts.append(self.build_prompt(history, [candidate_ids[i] for i in order], request=request))
                     labels.append(self.label_token_ids[: len(order)])
                     orders.append(order)
             label_scores = scoring.verbalizer_scores_batch(

@@ -14,6 +14,11 @@ EXPLAIN_PROMPT = (
     "{history_prompt}\n\nThe recommendation is: {item}.\n"
     "In one or two sentences, explain why this fits the user's history."
 )
+EXPLAIN_REQUEST_PROMPT = (
+    "{history_prompt}\n{request_line}\n\nThe recommendation is: {item}.\n"
+    "In one or two sentences, explain why this fits what the user asks for and their history."
+)
+NEW_USER = "new-user"  # the user_id of rows for a request without a user
 
 
 def _load(model, dataset, config_file_list, config_dict, model_file):
@@ -58,7 +63,7 @@ def _histories(full, user_ids: list[int], uid_field: str, iid_field: str, time_f
 
 
 def recommend(
-    users: Sequence[str] | str,
+    users: Sequence[str] | str | None,
     topk: int = 10,
     dataset: str | None = None,
     config_file_list: list[str] | None = None,
@@ -67,6 +72,7 @@ def recommend(
     explain: bool = False,
     model: str = "LLMGen",
     max_explanation_tokens: int = 60,
+    request: str | None = None,
 ) -> pd.DataFrame:
     """Top-``topk`` items for each user (original dataset ids), best first.
 
@@ -74,12 +80,26 @@ def recommend(
     tokens). The history is the user's whole interaction history in the dataset (the prompt uses
     its most recent ``max_history_items``). ``explain=True`` asks the LLM, after the ranking is
     fixed, for one or two sentences per item; explanations never change the ranking.
+
+    ``request``: what the user asks for now, in their own words ("a funny movie about space"): it
+    goes into the prompt and widens the candidates (:func:`recbole_llmgen.conversation.rank_for_request`).
+    ``users=None`` with a request: a new user without history (rows named ``new-user``).
     """
     if isinstance(users, str):
         users = [users]
     if topk < 1:
         raise ValueError(f"topk: expected an integer >= 1, got {topk}")
+    if request is not None:
+        from recbole_llmgen import text
+
+        text.request_line("{request}", request)  # empty: a named error before the model loads
+    elif not users:
+        raise ValueError("users: give at least one user id (or a request, for a new user without history)")
     config, rec, full = _load(model, dataset, config_file_list, config_dict, model_file)
+    if request is not None:
+        return _recommend_for_request(
+            rec, full, config, list(users or []), request, topk, explain, max_explanation_tokens
+        )
     uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
     known = full.field2token_id[uid]
     unknown = [u for u in map(str, users) if u not in known]
@@ -123,14 +143,36 @@ def recommend(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def _recommend_for_request(rec, full, config, users, request, topk, explain, max_explanation_tokens) -> pd.DataFrame:
+    from recbole_llmgen.conversation import Session
+
+    rows = []
+    for user in users or [None]:
+        session = Session(rec, full, config, user=user, topk=topk)
+        for row in session.ask(request):
+            explanation = ""
+            if explain:
+                item = session.item_ids[row["item_id"]]
+                explanation = explain_item(rec, session.prompt_history(), item, max_explanation_tokens, request)
+            rows.append([user or NEW_USER, row["rank"], row["item_id"], row["item_text"], row["score"], explanation])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 @torch.no_grad()
-def explain_item(rec, history: list[int], item: int, max_new_tokens: int = 60) -> str:
-    """One or two sentences from the LLM on why ``item`` fits ``history`` (greedy, deterministic)."""
+def explain_item(rec, history: list[int], item: int, max_new_tokens: int = 60, request: str | None = None) -> str:
+    """One or two sentences from the LLM on why ``item`` fits ``history`` (and the request), greedy."""
     from recbole_llmgen import text
 
     window = [i for i in history if i][-rec.max_history_items :]
     history_prompt = text.user_prompt(rec.prompt_template, [rec.item_texts[i] for i in window])
-    prompt = rec.render_prompt(EXPLAIN_PROMPT.format(history_prompt=history_prompt, item=rec.item_texts[item]))
+    if request is None:
+        user_text = EXPLAIN_PROMPT.format(history_prompt=history_prompt, item=rec.item_texts[item])
+    else:
+        line = text.request_line(rec.request_template, request)
+        user_text = EXPLAIN_REQUEST_PROMPT.format(
+            history_prompt=history_prompt, request_line=line, item=rec.item_texts[item]
+        )
+    prompt = rec.render_prompt(user_text)
     ids = torch.tensor([rec._encode(prompt)], device=rec.llm.device)
     tokenizer = rec.tokenizer
     output = rec.llm.generate(
@@ -143,9 +185,11 @@ def explain_item(rec, history: list[int], item: int, max_new_tokens: int = 60) -
         eos_token_id=tokenizer.eos_token_id,
     )
     generated = " ".join(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).split())
-    return (
-        first_sentences(generated, 2) or f"It is close to {rec.item_texts[window[-1]]}, which the user chose recently."
-    )
+    if first_sentences(generated, 2):
+        return first_sentences(generated, 2)
+    if request is not None:
+        return f"It matches the request: {' '.join(request.split())}."
+    return f"It is close to {rec.item_texts[window[-1]]}, which the user chose recently."
 
 
 def first_sentences(text: str, n: int) -> str:

@@ -88,8 +88,32 @@ def user_prompt(template: str, history_texts: Sequence[str]) -> str:
 LABELS = string.ascii_uppercase
 
 
-def verbalizer_prompt(template: str, history_texts: Sequence[str], candidates: Sequence[str]) -> str:
-    """The user prompt with lettered candidates appended, asking for one letter."""
+CHAT_COMMANDS = "like N, dislike N, more like N, not this kind, help, quit"
+CHAT_HELP = (
+    f"Type what you would like (e.g. 'a funny movie about space'), or feedback on the last list: {CHAT_COMMANDS}. "
+    "Liked items join your history; disliked and shown ones are not proposed again."
+)
+
+
+def request_line(template: str, request: str) -> str:
+    """The user's own words as one prompt line (``request_template`` with ``{request}`` filled)."""
+    if "{request}" not in (template or ""):
+        raise ValueError(f"request_template: must contain '{{request}}', got {template!r}")
+    words = " ".join(str(request).split())
+    if not words:
+        raise ValueError("request: empty; say what you would like, e.g. 'a funny movie about space'")
+    return template.replace("{request}", words)
+
+
+def with_request(user_text: str, line: str | None) -> str:
+    """The chat prompt with the request after the history (the question the answer responds to)."""
+    return user_text if not line else f"{user_text}\n{line}"
+
+
+def verbalizer_prompt(
+    template: str, history_texts: Sequence[str], candidates: Sequence[str], request: str | None = None
+) -> str:
+    """The user prompt (and the request line) with lettered candidates appended, asking for one letter."""
     if len(candidates) > len(LABELS):
         raise ValueError(
             f"score_method: verbalizer labels candidates with letters and supports at most "
@@ -98,7 +122,7 @@ def verbalizer_prompt(template: str, history_texts: Sequence[str], candidates: S
         )
     listing = "\n".join(f"{LABELS[i]}. {text}" for i, text in enumerate(candidates))
     return (
-        f"{user_prompt(template, history_texts)}\nCandidates:\n{listing}\n"
+        f"{with_request(user_prompt(template, history_texts), request)}\nCandidates:\n{listing}\n"
         "Answer with the letter of the best candidate only."
     )
 

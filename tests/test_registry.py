@@ -42,7 +42,8 @@ def test_ml100k_loads_item_text_fields():
     from recbole.config import Config
 
     config = Config(model="LLMGen", dataset="ml-100k", config_dict={"state": "ERROR"})
-    assert config["load_col"]["item"] == ["item_id", "movie_title", "release_year"]
+    # the text fields, then every other item field (requests are matched to genres)
+    assert config["load_col"]["item"] == ["item_id", "movie_title", "release_year", "class"]
     assert config["load_col"]["inter"] == ["user_id", "item_id", "rating", "timestamp"]
     # other models keep RecBole's own load_col
     sasrec = Config(model="SASRec", dataset="ml-100k", config_dict={"train_neg_sample_args": None})

@@ -1,0 +1,245 @@
+"""A request in the user's own words, and a session that learns from feedback (issue 15)."""
+
+import io
+import sys
+
+import pytest
+from conftest import build
+
+from recbole_llmgen import text
+from recbole_llmgen.cli import main
+from recbole_llmgen.conversation import Session, item_descriptions, rank_for_request
+from recbole_llmgen.recommend import recommend
+
+REQUEST = "a funny movie about space"
+
+
+def _session(toy_config_dict, user="u1", **extra):
+    config, model, _, _, _ = build({**toy_config_dict, **extra})
+    from recbole.data import create_dataset
+
+    full = create_dataset(config)
+    full.build()  # interactions as RecBole's loaders hold them (what recommend and chat load)
+    return Session(model, full, config, user=user, topk=4)
+
+
+def test_request_goes_into_every_prompt_format(toy_config_dict, tokenizer):
+    _, chat, *_ = build(toy_config_dict)
+    history = [3, 5, 7]
+    with_request = tokenizer.decode(chat.build_prompt(history, [2, 4], request=REQUEST))
+    without = tokenizer.decode(chat.build_prompt(history, [2, 4]))
+    line = text.request_line(chat.request_template, REQUEST)
+    assert line not in without and line in with_request
+    assert with_request.index(chat.item_texts[7]) < with_request.index(line)  # after the history
+
+    _, listed, *_ = build({**toy_config_dict, "prompt_format": "list"})
+    ids = listed.build_prompt(history, [2, 4], request=REQUEST)
+    head = listed._encode(f"{line}\n{listed.list_header}")
+    # the request line before the header; the list still ends where the next item begins
+    assert ids == head + [t for i in history for t in listed.item_token_ids[i]]
+
+    _, verbal, *_ = build({**toy_config_dict, "score_method": "verbalizer"})
+    decoded = tokenizer.decode(verbal.build_prompt(history, [2, 4], request=REQUEST))
+    assert decoded.index(line) < decoded.index("Candidates:")
+
+
+def test_request_changes_scores_and_is_part_of_the_cache_key(toy_config_dict):
+    _, model, *_ = build(toy_config_dict)
+    model.eval()
+    history, candidates = [3, 5, 7], [2, 4, 6, 8]
+    plain = model.score_candidates_batch([history], [candidates])[0]
+    asked = model.score_candidates_batch([history], [candidates], requests=[REQUEST])[0]
+    assert not plain.allclose(asked)
+    reference = model._score_uncached([history], [candidates], [0], [REQUEST])[0]
+    assert asked.allclose(reference)
+    generated = model.generate_items_batch([history], requests=[REQUEST])[0]
+    assert generated and all(i not in history for i, _ in generated)
+
+
+def test_bad_requests_are_named(toy_config_dict):
+    _, model, *_ = build({**toy_config_dict, "llm_max_length": 60})
+    with pytest.raises(ValueError, match="request: empty; say what you would like"):
+        model.build_prompt([3], [2], request="   ")
+    with pytest.raises(ValueError, match=r"request: too long for the model context: .* more than the limit 60"):
+        model.build_prompt([3], [2], request="space " * 80)
+    with pytest.raises(ValueError, match="request_template: must contain '{request}'"):
+        build({**toy_config_dict, "request_template": "The user asks:"})
+    with pytest.raises(ValueError, match=r"request_weight: expected a number in \[0, 1\]"):
+        build({**toy_config_dict, "request_weight": 2})
+    with pytest.raises(ValueError, match="request_focus: expected a number >= 0"):
+        build({**toy_config_dict, "request_focus": -1})
+
+
+def test_request_retriever_reads_other_item_fields(toy_config_dict, toy_root):
+    path = toy_root / "toy" / "toy.item"
+    header, *lines = path.read_text(encoding="utf-8").splitlines()
+    genres = ["Comedy Sci-Fi" if k % 3 == 0 else "Drama" for k in range(len(lines))]
+    path.write_text(
+        "\n".join([header + "\tgenre:token_seq", *(f"{line}\t{g}" for line, g in zip(lines, genres))]) + "\n",
+        encoding="utf-8",
+    )
+    _, model, *_ = build(toy_config_dict)
+    described = item_descriptions(model)
+    assert described[1].startswith(model.item_texts[1] + ". ")
+    assert {d.split(". ")[-1] for d in described[1:]} == {"Comedy, Sci-Fi", "Drama"} or {
+        d.split(". ")[-1] for d in described[1:]
+    } == {"Comedy Sci-Fi", "Drama"}
+    # request only (a new user): the retriever brings the requested genre; same inputs, same list
+    model.request_weight, model.request_focus = 1.0, 100.0  # the request's similarity decides
+    first = rank_for_request(model, [], "a comedy science fiction film", topk=5)
+    assert first == rank_for_request(model, [], "a comedy science fiction film", topk=5)
+    assert all("Comedy" in described[i] for i, _ in first)
+
+
+def test_session_feedback_changes_the_next_list(toy_config_dict, tmp_path):
+    session = _session(toy_config_dict)
+    assert session.model.request_weight == 1.0  # the default: the retriever orders, the LLM is not asked
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("request_weight 1 leaves the order to the retriever: no LLM pass")
+
+    session.model.score_candidates_batch = no_llm
+    history = list(session.history)
+    first = session.ask(REQUEST)
+    assert len(first) == 4 and not {session.item_ids[r["item_id"]] for r in first} & set(history)
+    liked = session.item_ids[first[0]["item_id"]]
+    second = session.feedback("like 1")
+    assert session.prompt_history() == [*history, liked]  # the liked item joins the prompt's history
+    shown = {r["item_id"] for r in first}
+    assert not shown & {r["item_id"] for r in second}  # shown items are not proposed again
+    disliked = session.item_ids[second[1]["item_id"]]
+    third = session.feedback("dislike 2")
+    assert disliked in session.disliked and disliked not in {session.item_ids[r["item_id"]] for r in third}
+    steer = session.item_ids[third[0]["item_id"]]
+    session.feedback("more like 1")
+    assert session.steer == [steer]
+
+    # mistakes: a message, nothing lost
+    before = (list(session.last), list(session.liked), set(session.disliked), session.request)
+    for line, message in (
+        ("like 9", "feedback: like needs a number on the list (1..4), got '9'"),
+        ("dislike", "feedback: dislike needs a number on the list (1..4), got 'nothing'"),
+        ("frob 2", "unknown command 'frob'; commands: like N"),
+        ("   ", "request: empty;"),
+    ):
+        reply = session.handle(line)
+        assert reply.message.startswith(message) and not reply.rows and not reply.done
+    assert (list(session.last), list(session.liked), set(session.disliked), session.request) == before
+
+    path = session.save_feedback(str(tmp_path / "feedback" / "session.inter"))
+    lines = open(path, encoding="utf-8").read().splitlines()
+    assert lines[0] == "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+    assert [line.split("\t")[:3] for line in lines[1:]] == [
+        ["u1", first[0]["item_id"], "5"],
+        ["u1", second[1]["item_id"], "1"],
+    ]
+
+
+def test_session_errors_are_messages(toy_config_dict):
+    session = _session(toy_config_dict, user=None, llm_max_length=160)
+    assert session.history == []
+    assert session.handle("like 1").message == "feedback: there is no list yet; type a request first"
+    assert session.handle("space " * 300).message.startswith("request: too long for the model context")
+    assert session.request is None
+    assert session.handle("a story").rows  # the session goes on
+    with pytest.raises(ValueError, match="user: 'u99' is not a user of 'toy'"):
+        _session(toy_config_dict, user="u99")
+
+
+def test_chat_command_through_stdin(toy_config_dict, monkeypatch, capsys, tmp_path):
+    feedback = tmp_path / "chat.inter"
+    lines = f"{REQUEST}\ndislike 2\nlike 1\nquit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    args = ["chat", "--dataset", "toy", "--user", "u1", "--topk", "4", "--save-feedback", str(feedback)]
+    args += [f"--{k}={v}" for k, v in toy_config_dict.items() if k in ("data_path", "llm_path", "llm_dtype")]
+    assert main(args + ["--num_candidates=5", "--state=ERROR"]) == 0
+    out = capsys.readouterr().out
+    blocks = out.split("\n> ")
+    assert blocks[1].startswith(REQUEST) and blocks[2].startswith("dislike 2") and blocks[3].startswith("like 1")
+
+    def listed(block):
+        return [line.split(". ", 1)[1].split("  [")[0] for line in block.splitlines() if line[:4].strip().endswith(".")]
+
+    first, second, third = listed(blocks[1]), listed(blocks[2]), listed(blocks[3])
+    assert len(first) == len(second) == 4
+    disliked = first[1]
+    assert f"disliked: {disliked}" in blocks[2] and disliked not in second + third
+    assert f"liked: {second[0]} (added to your history)" in blocks[3]
+    rows = feedback.read_text(encoding="utf-8").splitlines()[1:]
+    assert [r.split("\t")[2] for r in rows] == ["1", "5"]
+    assert "feedback: 2 rows in" in out
+
+
+def test_recommend_with_a_request(toy_config_dict):
+    settings = {k: v for k, v in toy_config_dict.items() if k != "show_progress"}
+    frame = recommend(None, topk=3, dataset="toy", config_dict=settings, request=REQUEST)
+    assert list(frame["user_id"]) == ["new-user"] * 3 and list(frame["rank"]) == [1, 2, 3]
+    known = recommend(["u1"], topk=3, dataset="toy", config_dict=settings, request=REQUEST, explain=True)
+    assert len(known) == 3 and all(known["explanation"].str.len() > 0)
+    with pytest.raises(ValueError, match="users: give at least one user id"):
+        recommend(None, dataset="toy", config_dict=settings)
+    with pytest.raises(ValueError, match="request: empty"):
+        recommend(None, dataset="toy", config_dict=settings, request="")
+
+
+def test_request_protocol_rows(toy_config_dict, toy_root, tmp_path):
+    import math
+
+    from recbole_llmgen import benchmark, request_bench
+
+    path = toy_root / "toy" / "toy.item"
+    header, *lines = path.read_text(encoding="utf-8").splitlines()
+    kinds = ("Comedy", "Sci-Fi Drama", "Drama", "unknown")
+    path.write_text(
+        "\n".join([header + "\tclass:token_seq", *(f"{line}\t{kinds[k % 4]}" for k, line in enumerate(lines))]) + "\n",
+        encoding="utf-8",
+    )
+    # requests: seeded per user, from the target's genres only, never naming it
+    assert request_bench.request_for(["Sci-Fi", "Drama"], 3, 2020) == request_bench.request_for(
+        ["Sci-Fi", "Drama"], 3, 2020
+    )
+    text_, genre = request_bench.request_for(["Sci-Fi"], 3, 2020)
+    assert genre == "Sci-Fi" and "science fiction" in text_
+    assert request_bench.request_for(["unknown"], 3, 2020) == ("I feel like watching a good movie.", None)
+    metrics = request_bench.ranking_metrics([5, 7, 9], 7, {7, 9})
+    assert metrics == {"ndcg@10": 1 / math.log2(3), "hit@10": 1.0, "match@10": 0.2}
+
+    overrides = {k: toy_config_dict[k] for k in ("data_path", "llm_path", "llm_cache_dir", "llm_dtype")}
+    overrides.update(num_candidates=5, epochs=1, state="ERROR")
+    out = str(tmp_path / "bench")
+    with pytest.raises(ValueError, match="requests: the request protocol needs LLMGen and a classic model"):
+        benchmark.run_benchmark("toy", ["Pop"], "full", None, overrides, out, requests=True)
+    rows = benchmark.run_benchmark("toy", ["Pop", "LLMGen"], "full", None, overrides, out, log=lambda m: None,
+                                   runner=benchmark.run_in_process, requests=True)  # fmt: skip
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    table = open(f"{out}/requests.md", encoding="utf-8").read()
+    names = ["Pop (no request)", "Pop filtered to the requested genre", "LLMGen (no request)",
+             "LLMGen with request (weight", "LLMGen with request, LLM order only (weight 0",
+             "request-aware retriever alone (weight 1"]  # fmt: skip
+    assert all(f"| {name}" in table for name in names)
+    import pandas as pd
+
+    frame = pd.read_csv(f"{out}/requests.csv")
+    assert list(frame["users"]) == [8] * 6
+    users = pd.read_csv(f"{out}/runs/requests.users.csv")
+    # the LLMGen row without a request is LLMGen's own benchmark ranking of these users
+    own = benchmark.per_user.read_users(f"{out}/runs/LLMGen")
+    assert (
+        users.set_index("user_id")["LLMGen (no request) | ndcg@10"].round(6).to_dict()
+        == own["ndcg@10"].round(6).to_dict()
+    )
+    # a genre-filtered list only holds items of the genre
+    filtered = users["Pop filtered to the requested genre | match@10"].dropna()
+    assert (filtered > 0).all()
+
+
+@pytest.mark.parametrize("method", ["verbalizer", "generate"])
+def test_every_score_method_takes_a_request(toy_config_dict, method):
+    session = _session(toy_config_dict, score_method=method, num_beams=3, request_weight=0.5)
+    calls = []
+    score = session.model.score_candidates_batch
+    session.model.score_candidates_batch = lambda *a, **k: calls.append(a[3]) or score(*a, **k)
+    first = session.ask(REQUEST)
+    assert calls == [[REQUEST]]  # the LLM scored the list, the request in its prompt
+    assert len(first) == 4
+    assert session.feedback("dislike 1") and session.item_ids[first[0]["item_id"]] in session.disliked
