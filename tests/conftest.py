@@ -115,6 +115,22 @@ def toy_config_dict(toy_root, tiny_llm_path, cache_dir) -> dict:
     }
 
 
+def bench_overrides(toy_config_dict: dict, **extra) -> dict:
+    """Benchmark overrides for the toy data and tiny LLM: one epoch, small classic models."""
+    return {
+        "data_path": toy_config_dict["data_path"],
+        "llm_path": toy_config_dict["llm_path"],
+        "llm_cache_dir": toy_config_dict["llm_cache_dir"],
+        "num_candidates": 5,
+        "epochs": 1,
+        "hidden_size": 16,
+        "inner_size": 32,
+        "embedding_size": 16,
+        "state": "ERROR",
+        **extra,
+    }
+
+
 def build(config_dict: dict, dataset: str = "toy", model: str = "LLMGen"):
     """Config, loaders and model, the way RecBole's run_recbole builds them."""
     from recbole.config import Config

@@ -5,30 +5,16 @@ import json
 import os
 
 import pytest
+from conftest import bench_overrides
 
 from recbole_llmgen import benchmark
 from recbole_llmgen.cli import main
 
 
-def _overrides(toy_config_dict, **extra):
-    return {
-        "data_path": toy_config_dict["data_path"],
-        "llm_path": toy_config_dict["llm_path"],
-        "llm_cache_dir": toy_config_dict["llm_cache_dir"],
-        "num_candidates": 5,
-        "epochs": 1,
-        "hidden_size": 16,
-        "inner_size": 32,
-        "embedding_size": 16,
-        "state": "ERROR",
-        **extra,
-    }
-
-
 def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
     out = str(tmp_path / "bench")
     models = ["Pop", "BPR", "SASRec", "LLMGen"]
-    broken = _overrides(toy_config_dict, llm_path=str(tmp_path / "no-such-model"))
+    broken = bench_overrides(toy_config_dict, llm_path=str(tmp_path / "no-such-model"))
     rows = benchmark.run_benchmark("toy", models, "full", None, broken, out, log=lambda m: None,
                                    runner=benchmark.run_in_process)  # fmt: skip
     assert [r["model"] for r in rows] == ["Pop", "BPR", "SASRec", "LLMGen"]
@@ -50,7 +36,7 @@ def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
         seen.append(spec["model"])
         return benchmark.run_in_process(spec, log_path)
 
-    rows2 = benchmark.run_benchmark("toy", models, "full", None, _overrides(toy_config_dict), out,
+    rows2 = benchmark.run_benchmark("toy", models, "full", None, bench_overrides(toy_config_dict), out,
                                     log=lambda m: None, runner=runner)  # fmt: skip
     assert seen == ["LLMGen"]
     assert [r["status"] for r in rows2] == ["ok"] * 4
@@ -64,7 +50,7 @@ def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
 def test_uni19_protocol_and_config_changes_rerun(toy_config_dict, tmp_path):
     out = str(tmp_path / "bench")
     run = lambda **extra: benchmark.run_benchmark(  # noqa: E731
-        "toy", ["Pop"], "uni19", None, _overrides(toy_config_dict, **extra), out,
+        "toy", ["Pop"], "uni19", None, bench_overrides(toy_config_dict, **extra), out,
         log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
     first = run()
     assert first[0]["status"] == "ok" and first[0]["test_hit@10"] > first[0]["test_ndcg@10"] > 0
@@ -81,7 +67,7 @@ def test_bad_arguments_are_named(toy_config_dict, tmp_path):
 
 def test_cli_runs_each_model_in_its_own_process(toy_config_dict, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [f"--{k}={v}" for k, v in _overrides(toy_config_dict, llm_path=str(tmp_path / "missing")).items()]
+    args = [f"--{k}={v}" for k, v in bench_overrides(toy_config_dict, llm_path=str(tmp_path / "missing")).items()]
     code = main(["benchmark", "--dataset", "toy", "--models", "Pop,LLMGen", "--out", str(out), *args])
     assert code == 1  # LLMGen failed
     rows = [json.load(open(out / "runs" / f"{m}.json", encoding="utf-8")) for m in ("Pop", "LLMGen")]
@@ -94,7 +80,7 @@ def test_cli_runs_each_model_in_its_own_process(toy_config_dict, tmp_path, capsy
 def test_llmgen_in_two_processes_gives_the_same_row(toy_config_dict, tmp_path):
     out = str(tmp_path / "bench")
     run = lambda nproc, **extra: benchmark.run_benchmark(  # noqa: E731
-        "toy", ["Pop", "LLMGen"], "full", None, _overrides(toy_config_dict, **extra), out,
+        "toy", ["Pop", "LLMGen"], "full", None, bench_overrides(toy_config_dict, **extra), out,
         log=lambda m: None, llm_nproc=nproc)  # fmt: skip
     users = os.path.join(out, "runs", "LLMGen.users.csv")
     one = run(1)[1]
@@ -117,7 +103,7 @@ def test_llmgen_in_two_processes_gives_the_same_row(toy_config_dict, tmp_path):
 
 def test_rows_say_how_each_model_was_trained(toy_config_dict, tmp_path):
     out = str(tmp_path / "bench")
-    overrides = _overrides(toy_config_dict, epochs=30, stopping_step=2)
+    overrides = bench_overrides(toy_config_dict, epochs=30, stopping_step=2)
     overrides.pop("epochs")  # Pop, BPR: the defaults (cap 300, stopping 10 there; 2 here); SASRec: capped
     rows = benchmark.run_benchmark("toy", ["Pop", "BPR", "SASRec", "LLMGen"], "full", None,
                                    overrides, out, log=lambda m: None,
@@ -165,7 +151,7 @@ def test_training_record():
 @pytest.mark.parametrize("key", ["epochs", "stopping_step"])
 def test_bad_epoch_settings_are_named(toy_config_dict, tmp_path, key):
     with pytest.raises(ValueError, match=f"{key}: expected an integer >= 1"):
-        benchmark.run_benchmark("toy", ["Pop"], "full", None, _overrides(toy_config_dict, **{key: 0}),
+        benchmark.run_benchmark("toy", ["Pop"], "full", None, bench_overrides(toy_config_dict, **{key: 0}),
                                 str(tmp_path), log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
 
 
@@ -177,7 +163,7 @@ def test_finetune_config_gives_llm_only_and_fused_rows(toy_config_dict, tmp_path
 
     config_file = str(Path(__file__).parents[1] / "configs" / "llmgen_ml-100k_finetune.yaml")
     out = tmp_path / "bench"
-    overrides = _overrides(toy_config_dict, max_history_items=4, llm_dtype="float32", item_text_template="{title}")
+    overrides = bench_overrides(toy_config_dict, max_history_items=4, llm_dtype="float32", item_text_template="{title}")
     del overrides["epochs"]  # BPR keeps the default run's cap
     rows = benchmark.run_benchmark(
         "toy",
@@ -230,7 +216,7 @@ def test_a_models_hash_ignores_other_models_sections(tmp_path):
 def test_filtered_data_gives_an_llmgen_row_over_the_classic_models_candidates(toy_config_dict, tmp_path):
     """RecBole's filtering with LLMGen's item file: the classic model's checkpoint maps items
     differently, LLMGen reranks its candidates by token, and every row evaluates the same users."""
-    overrides = _overrides(toy_config_dict, item_inter_num_interval="[2,inf)", user_inter_num_interval="[11,inf)")
+    overrides = bench_overrides(toy_config_dict, item_inter_num_interval="[2,inf)", user_inter_num_interval="[11,inf)")
     rows = benchmark.run_benchmark(
         "toy", ["Pop", "LLMGen"], "full", None, overrides, str(tmp_path / "bench"),
         log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip

@@ -4,7 +4,7 @@ import io
 import sys
 
 import pytest
-from conftest import build
+from conftest import bench_overrides, build
 
 from recbole_llmgen import text
 from recbole_llmgen.cli import main
@@ -204,8 +204,7 @@ def test_request_protocol_rows(toy_config_dict, toy_root, tmp_path):
     metrics = request_bench.ranking_metrics([5, 7, 9], 7, {7, 9})
     assert metrics == {"ndcg@10": 1 / math.log2(3), "hit@10": 1.0, "match@10": 0.2}
 
-    overrides = {k: toy_config_dict[k] for k in ("data_path", "llm_path", "llm_cache_dir", "llm_dtype")}
-    overrides.update(num_candidates=5, epochs=1, state="ERROR")
+    overrides = bench_overrides(toy_config_dict, llm_dtype="float32")
     out = str(tmp_path / "bench")
     with pytest.raises(ValueError, match="requests: the request protocol needs LLMGen and a classic model"):
         benchmark.run_benchmark("toy", ["Pop"], "full", None, overrides, out, requests=True)

@@ -5,25 +5,13 @@ import os
 
 import numpy as np
 import pytest
+from conftest import bench_overrides
 
 from recbole_llmgen import benchmark, regime
 from recbole_llmgen.cli import main
 from recbole_llmgen.sweep import parse_sweep, run_sweep
 
 FIELDS = {"user": "user_id", "item": "item_id", "time": "timestamp"}
-
-
-def _overrides(toy_config_dict, **extra):
-    return {
-        "data_path": toy_config_dict["data_path"],
-        "llm_path": toy_config_dict["llm_path"],
-        "llm_cache_dir": toy_config_dict["llm_cache_dir"],
-        "num_candidates": 5,
-        "epochs": 1,
-        "embedding_size": 16,
-        "state": "ERROR",
-        **extra,
-    }
 
 
 def _tied_dataset(root, name="tied", n_users=6, per_user=9):
@@ -122,13 +110,13 @@ def test_bad_regimes_are_named(toy_config_dict, tmp_path):
         raise AssertionError("no model may run")
 
     with pytest.raises(ValueError, match=r"leaves no user to evaluate \(fewest training interactions of a user: 10"):
-        benchmark.run_benchmark("toy", ["Pop"], "full", None, _overrides(toy_config_dict), str(tmp_path / "b"),
+        benchmark.run_benchmark("toy", ["Pop"], "full", None, bench_overrides(toy_config_dict), str(tmp_path / "b"),
                                 log=lambda m: None, runner=runner, regime=regime.check_regime(cold_users=3))  # fmt: skip
     with pytest.raises(SystemExit, match="recbole-llmgen benchmark: train_fraction: expected a number in"):
         main(["benchmark", "--dataset", "toy", "--models", "Pop", "--train_fraction", "0", "--out", str(tmp_path / "c"),
               f"--data_path={toy_config_dict['data_path']}"])  # fmt: skip
     # RecBole's own filtering changes the split the file's counts describe: refused, not miscounted
-    filtered = _overrides(toy_config_dict, item_inter_num_interval="[4,inf)")
+    filtered = bench_overrides(toy_config_dict, item_inter_num_interval="[4,inf)")
     with pytest.raises(
         ValueError, match=r"data regime: RecBole keeps \d+ of the 96 rows of toy.inter \(filters such as"
     ):
@@ -146,7 +134,7 @@ def test_cold_users_are_the_mean_of_their_per_user_values(toy_config_dict, toy_r
     path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
     out = str(tmp_path / "cold")
     chosen = regime.check_regime(train_fraction=0.6, cold_users=2)
-    rows = benchmark.run_benchmark("toy", ["Pop", "BPR", "LLMGen"], "full", None, _overrides(toy_config_dict), out,
+    rows = benchmark.run_benchmark("toy", ["Pop", "BPR", "LLMGen"], "full", None, bench_overrides(toy_config_dict), out,
                                    log=lambda m: None, runner=benchmark.run_in_process, regime=chosen)  # fmt: skip
     assert [r["status"] for r in rows] == ["ok"] * 3
     for row in rows:
@@ -165,7 +153,7 @@ def test_cold_users_are_the_mean_of_their_per_user_values(toy_config_dict, toy_r
 
 def test_sweep_cells_equal_single_runs_and_are_reused(toy_config_dict, tmp_path):
     models = ["Pop", "BPR", "LLMGen"]
-    overrides = _overrides(toy_config_dict)
+    overrides = bench_overrides(toy_config_dict)
     out = str(tmp_path / "sweep")
     rows = run_sweep("train_fraction", [0.3, 1.0], "toy", models, "full", None, overrides, out, log=lambda m: None,
                      runner=benchmark.run_in_process)  # fmt: skip
@@ -216,7 +204,7 @@ def test_sweep_arguments_are_named(toy_config_dict, tmp_path):
         ValueError,
         match=r"train_fraction: expected a number in \(0, 1\] \(the share of training interactions kept\), got 2.0",
     ):
-        run_sweep("train_fraction", [0.5, 2.0], "toy", ["Pop"], "full", None, _overrides(toy_config_dict),
+        run_sweep("train_fraction", [0.5, 2.0], "toy", ["Pop"], "full", None, bench_overrides(toy_config_dict),
                   str(tmp_path / "s"), log=lambda m: None, runner=runner)  # fmt: skip
     with pytest.raises(SystemExit, match="recbole-llmgen benchmark: sweep: 'seed=1,2' is not KEY=V1"):
         main(["benchmark", "--dataset", "toy", "--sweep", "seed=1,2", "--out", str(tmp_path / "t")])
