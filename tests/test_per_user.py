@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from test_benchmark import _overrides
+from conftest import bench_overrides
 
 from recbole_llmgen import benchmark, per_user
 from recbole_llmgen.cli import main
@@ -30,7 +30,7 @@ def test_bootstrap_is_seeded_and_a_model_against_itself_differs_by_exactly_zero(
 @pytest.mark.parametrize("protocol", ["full", "uni19"])
 def test_per_user_values_reproduce_recbole_and_give_intervals(toy_config_dict, tmp_path, protocol):
     out = str(tmp_path / "bench")
-    rows = benchmark.run_benchmark("toy", ["Pop", "SASRec", "LLMGen"], protocol, None, _overrides(toy_config_dict),
+    rows = benchmark.run_benchmark("toy", ["Pop", "SASRec", "LLMGen"], protocol, None, bench_overrides(toy_config_dict),
                                    out, log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
     assert [r["status"] for r in rows] == ["ok"] * 3
     users = None
