@@ -55,19 +55,15 @@ def description_embeddings(model) -> torch.Tensor:
     return model._description_embeddings
 
 
-def request_similarity(model, request: str) -> torch.Tensor:
-    """Cosine similarity of the request to every item's description. [n_items]"""
-    query = cand.encode_texts(model.text_encoder_path, ["", request])[1]
-    return description_embeddings(model) @ query
+def _masked(scores: torch.Tensor, blocked) -> torch.Tensor:
+    """``scores`` with padding and ``blocked`` items at -inf (candidates.mask_seen, one row). [n_items]"""
+    return cand.mask_seen(scores[None], [sorted(blocked)])[0]
 
 
-def _top(scores: torch.Tensor, k: int, blocked: set[int]) -> list[int]:
-    scores = scores.clone().float()
-    scores[0] = -math.inf
-    if blocked:
-        scores[list(blocked)] = -math.inf
-    order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
-    return [i for i in order if scores[i] > -math.inf]
+def _top(scores: torch.Tensor, k: int, blocked=()) -> list[int]:
+    """The ``k`` best items that may be proposed (ties to the lower id), best first."""
+    masked = _masked(scores.float(), blocked)
+    return [i for i in cand.top_candidates(masked[None], k)[0].tolist() if masked[i] > -math.inf]
 
 
 def _z(values: torch.Tensor) -> torch.Tensor:
@@ -112,11 +108,7 @@ class Scored:
 
 def _z_catalogue(values: torch.Tensor, blocked: set[int]) -> torch.Tensor:
     """Standardized over the items that may be proposed (padding and ``blocked`` at -inf). [n_items]"""
-    values = values.double().clone()
-    values[0] = -math.inf
-    if blocked:
-        values[list(blocked)] = -math.inf
-    return _z(values)
+    return _z(_masked(values.double(), blocked))
 
 
 @torch.no_grad()
@@ -346,7 +338,9 @@ class Session:
         uid, iid = self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]
         rating = self.config["RATING_FIELD"] or "rating"
         stamp = self.config["TIME_FIELD"] or "timestamp"
-        user = self.user if self.user is not None else "new-user"
+        from recbole_llmgen.recommend import NEW_USER
+
+        user = self.user if self.user is not None else NEW_USER
         lines = [f"{uid}:token\t{iid}:token\t{rating}:float\t{stamp}:float"]
         lines += [f"{user}\t{self.item_tokens[i]}\t{r:g}\t{t}" for i, r, t in self.events]
         folder = os.path.dirname(os.path.abspath(path))

@@ -95,11 +95,8 @@ def recommend(
         text.request_line("{request}", request)  # empty: a named error before the model loads
     elif not users:
         raise ValueError("users: give at least one user id (or a request, for a new user without history)")
+    users = list(users or [])
     config, rec, full = _load(model, dataset, config_file_list, config_dict, model_file)
-    if request is not None:
-        return _recommend_for_request(
-            rec, full, config, list(users or []), request, topk, explain, max_explanation_tokens
-        )
     uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
     known = full.field2token_id[uid]
     unknown = [u for u in map(str, users) if u not in known]
@@ -110,6 +107,9 @@ def recommend(
         )
     inner = [known[str(u)] for u in users]
     histories = _histories(full, inner, uid, iid, config["TIME_FIELD"])
+    if request is not None:
+        return _recommend_for_request(rec, full, iid, users, inner, histories, request, topk, explain,
+                                      max_explanation_tokens)  # fmt: skip
     empty = [u for u, i in zip(users, inner) if not histories[i]]
     if empty:
         raise ValueError(
@@ -143,18 +143,20 @@ def recommend(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _recommend_for_request(rec, full, config, users, request, topk, explain, max_explanation_tokens) -> pd.DataFrame:
-    from recbole_llmgen.conversation import Session
+def _recommend_for_request(
+    rec, full, iid, users, inner, histories, request, topk, explain, max_explanation_tokens
+) -> pd.DataFrame:
+    """Rows for ``request``: every user's list in one batch (no users: one new user, no history)."""
+    from recbole_llmgen.conversation import score_requests
 
+    pairs = [(str(u), i, histories[i]) for u, i in zip(users, inner)] or [(NEW_USER, None, [])]
+    scored = score_requests(rec, [h for *_, h in pairs], [request] * len(pairs), [i for _, i, _ in pairs],
+                            llm_for_requests=rec.request_weight < 1)  # fmt: skip
     rows = []
-    for user in users or [None]:
-        session = Session(rec, full, config, user=user, topk=topk)
-        for row in session.ask(request):
-            explanation = ""
-            if explain:
-                item = session.item_ids[row["item_id"]]
-                explanation = explain_item(rec, session.prompt_history(), item, max_explanation_tokens, request)
-            rows.append([user or NEW_USER, row["rank"], row["item_id"], row["item_text"], row["score"], explanation])
+    for (user, _, history), lists in zip(pairs, scored):
+        for rank, (item, score) in enumerate(lists.ranked(rec.request_weight, rec.request_focus, topk), start=1):
+            explanation = explain_item(rec, history, item, max_explanation_tokens, request) if explain else ""
+            rows.append([user, rank, str(full.id2token(iid, item)), rec.item_texts[item], score, explanation])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -60,11 +60,6 @@ def ranking_metrics(top: list[int], target: int, genre_items: set[int] | None) -
     }
 
 
-def _top(scores: torch.Tensor, k: int = TOPK) -> list[int]:
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return [int(i) for i in order if scores[i] > -math.inf]
-
-
 def genre_index(model, field: str) -> tuple[list[list[str]], dict[str, set[int]]]:
     """Each item's genres and, per genre, its items (from the .item field ``field``)."""
     dataset = model._candidate_dataset
@@ -83,7 +78,7 @@ def evaluate_split(model, loader, field: str, seed: int, baselines: bool = True)
     """Every ranking of the protocol for the users of ``loader`` (RecBole's full-sort loader);
     ``baselines=False``: only LLMGen's request lists (what choosing the weight needs)."""
     from recbole_llmgen import two_stage
-    from recbole_llmgen.conversation import score_requests
+    from recbole_llmgen.conversation import _top, score_requests
 
     genres, by_genre = genre_index(model, field)
     tokens_u = loader._dataset.field2id_token[model.USER_ID]
@@ -110,20 +105,18 @@ def evaluate_split(model, loader, field: str, seed: int, baselines: bool = True)
         with torch.no_grad():
             plain = model.full_sort_predict(interaction).cpu()
         for b, (user, history) in enumerate(zip(users, histories)):
-            seen = [0, *history, *model.training_items.get(user, [])]
-            classic[b, seen] = -math.inf
-            plain[b, seen] = -math.inf
+            seen = {*history, *model.training_items.get(user, [])}
             genre = asked[b][1]
             wanted = by_genre.get(genre) if genre else None
-            out["classic"].append(_top(classic[b]))
+            out["classic"].append(_top(classic[b], TOPK, seen))
             if wanted:
                 restricted = torch.full_like(classic[b], -math.inf)
                 ids = torch.tensor(sorted(wanted))
                 restricted[ids] = classic[b][ids]
-                out["classic_genre"].append(_top(restricted))
+                out["classic_genre"].append(_top(restricted, TOPK, seen))
             else:
                 out["classic_genre"].append(out["classic"][-1])
-            out["llm_plain"].append(_top(plain[b]))
+            out["llm_plain"].append(_top(plain[b], TOPK, seen))
     out["target_tokens"] = [str(tokens_i[t]) for t in out["targets"]]
     # every user's request list at once: the LLM scores many users per pass (a loader batch holds ~2)
     histories, users = out.pop("histories"), out.pop("user_ids")

@@ -98,6 +98,12 @@ def _names(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["row"] for r in rows))
 
 
+def _first(rows: list[dict], value, field: str) -> dict | None:
+    """The first row of the cell ``value`` that has ``field`` set (users and history are the same for
+    every row of a cell; LLMGen's row is the one with a candidate source)."""
+    return next((r for r in rows if r["sweep_value"] == value and r.get(field) not in (None, "")), None)
+
+
 def _cell(rows: list[dict], name: str, value) -> dict | None:
     return next((r for r in rows if r["row"] == name and r["sweep_value"] == value), None)
 
@@ -126,7 +132,7 @@ def sweep_table(rows: list[dict], key: str, values: list, meta: dict) -> str:
     def per_value(field, fmt):
         cells = []
         for v in values:
-            row = next((r for r in rows if r["sweep_value"] == v and r.get(field) is not None), None)
+            row = _first(rows, v, field)
             cells.append("-" if row is None else fmt(row[field]))
         return " | ".join(cells)
 
@@ -134,7 +140,7 @@ def sweep_table(rows: list[dict], key: str, values: list, meta: dict) -> str:
     lines.append(f"| average training history | {per_value('avg_train_items', lambda x: f'{x:.1f}')} |")
     sources = []
     for v in values:
-        row = next((r for r in rows if r["sweep_value"] == v and r.get("candidate_source")), None)
+        row = _first(rows, v, "candidate_source")
         sources.append(os.path.basename(str(row["candidate_source"])).split("-")[0] if row else "-")
     if any(s != "-" for s in sources):
         lines.append(f"| LLMGen reranks | {' | '.join(sources)} |")
@@ -173,7 +179,7 @@ def sweep_plot(rows: list[dict], key: str, values: list, path: str, meta: dict) 
     cells = [[_value_text(_cell(rows, n, v)).split(" [")[0] for v in values] for n in names]
     extra = []
     for field, fmt in (("users", str), ("avg_train_items", lambda x: f"{x:.1f}")):
-        found = [next((r for r in rows if r["sweep_value"] == v and r.get(field) is not None), None) for v in values]
+        found = [_first(rows, v, field) for v in values]
         extra.append(["-" if r is None else fmt(r[field]) for r in found])
     table = side.table(
         cellText=cells + extra,
