@@ -22,7 +22,7 @@ def prepare(model: str, dataset: str, config_dict: dict):
     loaded for datasets without a RecBole yaml (as the benchmark command does)."""
     from recbole.config import Config
 
-    from recbole_llmgen.quick_start import every_column_unless_set, load_data
+    from recbole_llmgen.integration import every_column_unless_set, load_data
 
     config = Config(model=model, dataset=dataset, config_dict=every_column_unless_set(dataset, config_dict))
     return (config, *load_data(config))

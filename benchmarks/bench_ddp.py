@@ -26,7 +26,8 @@ import torch
 import recbole_llmgen  # noqa: F401  (compatibility fixes, LLMGen registered)
 from recbole_llmgen.cli import parse_overrides
 from recbole_llmgen.distributed import free_port
-from recbole_llmgen.quick_start import recbole_argv, run_recbole
+from recbole_llmgen.integration import recbole_argv
+from recbole_llmgen.quick_start import run_recbole
 
 
 def subset_of_ml100k(root: str, users: int) -> str:

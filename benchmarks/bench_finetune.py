@@ -42,7 +42,7 @@ def main() -> None:
     from recbole.utils import get_trainer
 
     from recbole_llmgen.cli import parse_overrides
-    from recbole_llmgen.quick_start import build_model
+    from recbole_llmgen.integration import build_model
 
     overrides = parse_overrides(rest)
     out = tempfile.mkdtemp(prefix="bench_finetune-")

@@ -36,7 +36,7 @@ def main() -> None:
         model = recbole_llmgen.LLMGen(config, train_data._dataset)
         invalid = generated = 0
         if method == "generate":
-            original = model.generate_items_batch
+            original = model.generator.items
 
             def checked(histories, _original=original, _n_items=model.n_items):
                 nonlocal invalid, generated
@@ -46,7 +46,7 @@ def main() -> None:
                     invalid += sum(1 for i, _ in pairs if not (0 < i < _n_items) or i in history)
                 return found
 
-            model.generate_items_batch = checked
+            model.generator.items = checked
         if args.users:
             limit = args.users
             batches = []

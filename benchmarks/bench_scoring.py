@@ -103,12 +103,12 @@ def main() -> None:
         model = recbole_llmgen.LLMGen(config, train_data._dataset)
         batch = next(iter(test_data))[0]
         seqs, lens = batch[model.ITEM_SEQ][: args.users], batch[model.ITEM_SEQ_LEN][: args.users]
-        candidates = top_candidates(model.retrieval_scores(seqs, lens), args.candidates).tolist()
+        candidates = top_candidates(model.retriever.scores(batch[: args.users]), args.candidates).tolist()
         histories = [seqs[b, : lens[b]].tolist() for b in range(len(seqs))]
-        prompts = [model.build_prompt(h, c) for h, c in zip(histories, candidates)]
-        conts = [[model.item_token_ids[i] for i in c] for c in candidates]
-        common = model.shared_prefix()
-        tokens = model.llm_score_batch_tokens
+        prompts = [model.prompts.build(h, c) for h, c in zip(histories, candidates)]
+        conts = [[model.prompts.item_token_ids[i] for i in c] for c in candidates]
+        common = model.scorer.shared_prefix()
+        tokens = model.settings.llm_score_batch_tokens
 
         def score(model=model, prompts=prompts, conts=conts, common=common, tokens=tokens):
             return scoring.score_continuations(model.llm, prompts, conts, shared=common, batch_tokens=tokens)
@@ -158,15 +158,15 @@ def main() -> None:
 
     # verbalizer at the auto dtype, all users batched
     model = auto["model"]
-    model.score_method = "verbalizer"
-    model.label_token_ids = model._label_token_ids()
+    model.settings.score_method = "verbalizer"
+    model.prompts.label_token_ids = model.prompts.label_tokens()
     start = time.perf_counter()
-    model.score_candidates_batch(auto["histories"], auto["candidates"])
+    model.scorer.score(auto["histories"], auto["candidates"])
     verbalizer_s = time.perf_counter() - start
 
     # where one pass's time goes (auto dtype, the first pass's users)
-    llm, common = model.llm, model.shared_prefix()
-    first = scoring._group_passes([r for r, _ in auto["rows"]], model.llm_score_batch_tokens)[0]
+    llm, common = model.llm, model.scorer.shared_prefix()
+    first = scoring._group_passes([r for r, _ in auto["rows"]], model.settings.llm_score_batch_tokens)[0]
     s = len(common.ids)
     ids, positions, mask, keep = scoring._pass_tensors(first, s, 0, llm.dtype)
     build_s = best_seconds(lambda: scoring._pass_tensors(first, s, 0, llm.dtype), 3)

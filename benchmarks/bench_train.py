@@ -86,7 +86,7 @@ def lora_run(out: str, overrides: dict, **settings):
     """(config, train data, model, trainer) of a LoRA LLMGen on ml-100k with ``settings``."""
     from _harness import prepare
 
-    from recbole_llmgen.quick_start import build_model
+    from recbole_llmgen.integration import build_model
     from recbole_llmgen.trainer import LLMGenTrainer
 
     config_dict = {
@@ -140,8 +140,8 @@ def objectives(args, overrides: dict, out: str) -> dict:
         for batch in loader:
             seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
             for b, target in enumerate(batch[model.ITEM_ID].tolist()):
-                total += len(model.build_prompt(seq[b, : lengths[b]].tolist(), reserve_tokens=0))
-                total += len(model.item_token_ids[target])
+                total += len(model.prompts.build(seq[b, : lengths[b]].tolist(), reserve_tokens=0))
+                total += len(model.prompts.item_token_ids[target])
         return total
 
     trainer._train_epoch(prompts(config["train_batch_size"]), 0)  # warm-up step
@@ -158,7 +158,7 @@ def objectives(args, overrides: dict, out: str) -> dict:
 
     def window_batches(count, offset=0):
         chosen = full[offset : offset + count]
-        lengths = [model.list_length(w) for w in chosen]
+        lengths = [model.prompts.list_length(w) for w in chosen]
         return sequence.WindowLoader(train_data._dataset, chosen, lengths, config["train_batch_size"], 0)
 
     trainer._train_epoch(window_batches(config["train_batch_size"], offset=len(full) - config["train_batch_size"]), 0)
@@ -167,7 +167,7 @@ def objectives(args, overrides: dict, out: str) -> dict:
     trainer._train_epoch(timed, 1)
     seconds = time.perf_counter() - start
     predictions = timed.predictions
-    rows, _ = model.window_rows(timed.items)
+    rows, _ = model.prompts.window_rows(timed.items)
     result["sequence_predictions_per_s"] = round(predictions / seconds, 3)
     result["sequence_tokens_per_prediction"] = round(sum(len(r) for r in rows) / predictions, 1)
     result["sequence_tokens_per_s"] = round(sum(len(r) for r in rows) / seconds, 1)

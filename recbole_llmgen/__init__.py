@@ -2,18 +2,20 @@
 
 ``import recbole_llmgen`` registers the ``LLMGen`` model (and its trainer and defaults) with
 RecBole and makes RecBole 1.2.1 run on today's numpy/pandas/torch and in its multi-process mode
-(see ``compat``). That is the only import-time side effect.
+(every change to RecBole is listed in :mod:`recbole_llmgen.patches`). That is the only import-time
+side effect.
 """
 
-from recbole_llmgen import compat
+from recbole_llmgen import patches
 
-compat.apply()
+patches.install()
 
 import os  # noqa: E402
 
 from recbole_llmgen import registry  # noqa: E402
 from recbole_llmgen.conversation import Session  # noqa: E402
-from recbole_llmgen.model import LLMGen, finalize_config  # noqa: E402
+from recbole_llmgen.integration import finalize_config  # noqa: E402
+from recbole_llmgen.model import LLMGen  # noqa: E402
 from recbole_llmgen.quick_start import run_recbole  # noqa: E402
 from recbole_llmgen.recommend import recommend  # noqa: E402
 from recbole_llmgen.trainer import LLMGenTrainer  # noqa: E402

@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable
 
 from recbole_llmgen import per_user
-from recbole_llmgen.regime import REGIME_KEYS, Regime, check_targets, selected_users
+from recbole_llmgen.regime import REGIME_KEYS, Regime, RegimeUnavailable, check_targets, selected_users
 from recbole_llmgen.regime import prepare as prepare_regime
 
 DEFAULT_MODELS = ("Pop", "BPR", "SASRec", "LLMGen")
@@ -75,11 +75,9 @@ def model_config(
     """The config dict of one model: laptop defaults (those the config files set for it left out:
     a config dict would beat the files), then the user's overrides, then the shared split and output
     folder (the same for every model, never overridden per model)."""
-    from recbole_llmgen.quick_start import every_column_unless_set
+    from recbole_llmgen.integration import every_column_unless_set, llmgen_only_keys, with_data_path
 
     if model != "LLMGen":  # LLMGen's own keys mean nothing to other models: keep them out of their hash
-        from recbole_llmgen.two_stage import llmgen_only_keys
-
         own_keys = llmgen_only_keys()
         overrides = {k: v for k, v in overrides.items() if k not in own_keys}
     from_files = file_keys(config_files, model)
@@ -87,8 +85,7 @@ def model_config(
     config = {**defaults, **overrides}
     config["eval_args"] = split_args(protocol)
     config["checkpoint_dir"] = os.path.join(out, "saved")
-    config.setdefault("data_path", "datasets/")
-    return every_column_unless_set(dataset, config)
+    return every_column_unless_set(dataset, with_data_path(config, config_files))
 
 
 def run_hash(spec: dict) -> str:
@@ -112,6 +109,34 @@ def _number(value):
     return round(float(value), 4)
 
 
+def llm_only_variant(spec: dict, trainer, model, test_data, scores) -> list[dict]:
+    """A fused LLMGen's candidates ranked by the LLM alone (weight 1) on the test split: the row
+    that says what fusion added. The model's own weight is restored whatever happens."""
+    weight = model.fusion_weight
+    model.fusion_weight = 1.0
+    try:
+        start = time.perf_counter()
+        with keep_struct(trainer) as kept_alone:
+            alone = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+        alone_seconds = time.perf_counter() - start
+    finally:
+        model.fusion_weight = weight
+    if spec.get("users_file") and _is_writer():
+        values = per_user.per_user_values(kept_alone["struct"], trainer.evaluator, trainer.config["topk"])
+        users, targets = per_user.users_in_order(test_data)
+        per_user.write_users(variant_users_file(spec["users_file"]), users, "test", values, targets)
+    valid_alone = best_fusion_results(trainer, scores).get(1.0) or {}
+    return [
+        {
+            "variant": "LLM only",
+            **{f"valid_{k}": _number(v) for k, v in valid_alone.items()},
+            **{f"test_{k}": _number(v) for k, v in alone.items()},
+            "eval_seconds": round(alone_seconds, 1),
+            "fusion_weight": 1.0,
+        }
+    ]
+
+
 def run_one(spec: dict) -> dict:
     """Train and evaluate one model in this process; returns its result row."""
     import resource
@@ -120,8 +145,7 @@ def run_one(spec: dict) -> dict:
     from recbole.utils import get_trainer, init_logger
 
     import recbole_llmgen  # noqa: F401
-    from recbole_llmgen.quick_start import build_model, load_data, recbole_argv
-    from recbole_llmgen.two_stage import build_config
+    from recbole_llmgen.integration import build_config, build_model, load_data, recbole_argv
 
     with recbole_argv([]):
         config = build_config(spec["model"], spec["dataset"], spec["config"], spec.get("config_files"))
@@ -130,9 +154,12 @@ def run_one(spec: dict) -> dict:
     model = build_model(config, train_data)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     # a zero-shot LLM selects nothing on the valid split: skipping it halves its cost (opt in: llm_valid)
+    settings = getattr(model, "settings", None)  # LLMGen's; None for a classic model
+    fused = settings is not None and settings.score_fusion != "none"
     zero_shot = (
-        getattr(model, "train_mode", None) == "none"
-        and getattr(model, "score_fusion", "none") == "none"  # auto chooses its weight there
+        settings is not None
+        and settings.train_mode == "none"
+        and not fused  # auto chooses its weight there
         and not spec.get("llm_valid", False)
     )
     start = time.perf_counter()
@@ -146,43 +173,23 @@ def run_one(spec: dict) -> dict:
     )
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    with keep_struct(trainer) as kept:
-        test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
-    eval_seconds = time.perf_counter() - start
+    scores_kept = model.scorer.cached() if fused else contextlib.nullcontext()
+    with scores_kept:  # fused, then LLM only: the LLM scores each test user once
+        with keep_struct(trainer) as kept:
+            test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+        eval_seconds = time.perf_counter() - start
+        variants = llm_only_variant(spec, trainer, model, test_data, scores) if fused else []
     if spec.get("users_file") and _is_writer():
         values = per_user.per_user_values(kept["struct"], trainer.evaluator, config["topk"])
         users, targets = per_user.users_in_order(test_data)
         per_user.write_users(spec["users_file"], users, "test", values, targets)
     frozen = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad) if hasattr(model, "llm") else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fused = getattr(model, "score_fusion", "none") != "none"
-    variants = []
-    if fused:  # the same trained model, its candidates ranked by the LLM alone (weight 1)
-        weight = model.fusion_weight
-        model.fusion_weight = 1.0
-        start = time.perf_counter()
-        with keep_struct(trainer) as kept_alone:
-            alone = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-        alone_seconds = time.perf_counter() - start
-        model.fusion_weight = weight
-        if spec.get("users_file") and _is_writer():
-            values = per_user.per_user_values(kept_alone["struct"], trainer.evaluator, config["topk"])
-            per_user.write_users(variant_users_file(spec["users_file"]), users, "test", values, targets)
-        valid_alone = best_fusion_results(trainer, scores).get(1.0) or {}
-        variants.append(
-            {
-                "variant": "LLM only",
-                **{f"valid_{k}": _number(v) for k, v in valid_alone.items()},
-                **{f"test_{k}": _number(v) for k, v in alone.items()},
-                "eval_seconds": round(alone_seconds, 1),
-                "fusion_weight": 1.0,
-            }
-        )
     return {
         "model": spec["model"],
         "status": "ok",
         "variant": "fused" if fused else "",
-        "fusion_weight": getattr(model, "fusion_weight", None) if fused else None,
+        "fusion_weight": model.fusion_weight if fused else None,
         "variants": variants,
         "candidate_source": config["candidate_source"] if spec["model"] == "LLMGen" else "",
         "valid_metric": config["valid_metric"],
@@ -294,12 +301,17 @@ def _worker(spec_path: str, result_path: str) -> None:
             return
         except Exception as error:  # noqa: BLE001 -- a failed rank (the others were stopped) is a failed row
             traceback.print_exc()
-            last = str(error).strip().splitlines()[-1]
+            last = error_line(error)
             row = {"model": spec["model"], "status": "failed", "error": f"{nproc} processes: {last}"}
     else:
         row = run_safely(spec)
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(row, f)
+
+
+def error_line(error: BaseException) -> str:
+    """The last line of an error's text, or its type's name when it has no text."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
 
 
 def _rank_worker(local_rank: int, spec: dict, result_path: str, port: str) -> None:
@@ -474,18 +486,17 @@ def regime_data(regime: Regime, dataset: str, overrides: dict, config_files: lis
     table (training interactions, test target) restricted to the users it evaluates. The dataset's
     folder, columns and seed are read from RecBole's Config, as every model of the run reads them.
     A default regime on a dataset without atomic files under data_path gives no table (None)."""
-    from recbole_llmgen.quick_start import recbole_argv
-    from recbole_llmgen.two_stage import build_config
+    from recbole_llmgen.integration import build_config, recbole_argv
 
     with recbole_argv([]):
         config = build_config("Pop", dataset, model_config("Pop", dataset, "full", overrides, out, config_files),
                               config_files)  # fmt: skip
     try:
         data_path, table = prepare_regime(regime, config, out)
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, RegimeUnavailable):
         if not regime.is_default:
             raise
-        return None, None  # the plain benchmark never needed the file itself
+        return None, None  # the plain benchmark never needed the file itself; any other error is raised
     return data_path, table.loc[selected_users(regime, table)]
 
 
@@ -506,7 +517,7 @@ def _write_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-def _label(row: dict) -> str:
+def row_label(row: dict) -> str:
     notes = []
     if row.get("variant") == "LLM only":
         notes.append("LLM only")
@@ -607,7 +618,7 @@ def write_outputs(rows: list[dict], out: str, meta: dict) -> None:
 
     add_intervals(rows, out, meta)
     frame = pd.DataFrame(rows)
-    frame.insert(0, "label", [_label(r) for r in rows])
+    frame.insert(0, "label", [row_label(r) for r in rows])
     regime = meta.get("regime") or Regime()
     for key in REGIME_KEYS:
         frame[key] = getattr(regime, key)
@@ -646,7 +657,7 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         ndcg = f"{_cell(r.get('test_ndcg@10'))} {_interval(r, 'test_ndcg@10')}" if ok else "-"
         hit = f"{_cell(r.get('test_hit@10'))} {_interval(r, 'test_hit@10')}" if ok else "-"
         lines.append(
-            f"| {_label(r)} | {_cell(r.get('users'))} | {ndcg} | {hit} | "
+            f"| {row_label(r)} | {_cell(r.get('users'))} | {ndcg} | {hit} | "
             f"{_cell(r.get('test_mrr@10'))} | {_cell(r.get('valid_ndcg@10'))} | {_cell(r.get('valid_hit@10'))} | "
             f"{_difference(r, 'ndcg@10')} | {_trained(r)} | {_cell(r.get('train_seconds'), 1)} | "
             f"{_cell(r.get('eval_seconds'), 1)} | "
@@ -676,7 +687,7 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [_label(r) for r in rows]
+    labels = [row_label(r) for r in rows]
     ok = [r.get("status") == "ok" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     positions = range(len(rows))

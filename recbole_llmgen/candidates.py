@@ -22,18 +22,19 @@ def popularity_scores(counts: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=2)
-def _encoder(encoder_path: str):
-    """The sentence encoder, loaded once per process (a chat session encodes every request)."""
+def _encoder(encoder_path: str, device: str):
+    """The sentence encoder, loaded once per process and device (a chat session encodes every request)."""
     from sentence_transformers import SentenceTransformer
 
     from recbole_llmgen.llm import encoder_folder
 
-    return SentenceTransformer(encoder_folder(encoder_path), device="cpu", local_files_only=True)
+    return SentenceTransformer(encoder_folder(encoder_path), device=device, local_files_only=True)
 
 
-def encode_texts(encoder_path: str, texts: Sequence[str]) -> torch.Tensor:
-    """Unit-norm sentence embeddings of ``texts`` (index 0, padding, gets a zero vector). [N, d]"""
-    encoder = _encoder(encoder_path)
+def encode_texts(encoder_path: str, texts: Sequence[str], device: str = "cpu") -> torch.Tensor:
+    """Unit-norm sentence embeddings of ``texts`` (index 0, padding, gets a zero vector), computed on
+    ``device`` and returned on the CPU. [N, d]"""
+    encoder = _encoder(encoder_path, str(device))
     embeddings = encoder.encode(
         list(texts), convert_to_tensor=True, normalize_embeddings=True, batch_size=256, show_progress_bar=False
     )

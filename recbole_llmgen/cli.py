@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import yaml
 
@@ -180,7 +181,7 @@ def _from_config_files(paths) -> dict:
 def _chat(args, overrides: dict, stdin=None, stdout=None) -> int:
     """``recbole-llmgen chat``: read lines, answer each with a message and/or a numbered list."""
     from recbole_llmgen.conversation import Session, format_rows
-    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.integration import recbole_argv
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if args.dataset is None and args.model_file is None:
@@ -219,7 +220,7 @@ def _chat(args, overrides: dict, stdin=None, stdout=None) -> int:
 
 
 def _recommend(args, overrides: dict) -> int:
-    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.integration import recbole_argv
     from recbole_llmgen.recommend import format_table, recommend
 
     if args.dataset is None and args.model_file is None:
@@ -334,8 +335,19 @@ def _benchmark(args, overrides: dict) -> int:
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 
 
+def quiet_libraries() -> None:
+    """The console shows the user our output, not RecBole's pandas FutureWarnings (RecBole 1.2.1
+    predates pandas 2.2's deprecations; pandas<3 is pinned) or a progress bar per model load."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"pandas(\.|$)")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command in ("convert", "compare"):
@@ -365,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if any(r.get("status") == "ok" for r in rows) else 1
     if args.command == "run":
-        from recbole_llmgen.quick_start import recbole_argv, run_recbole
+        from recbole_llmgen.integration import recbole_argv
+        from recbole_llmgen.quick_start import run_recbole
 
         from_files = _from_config_files(args.config_files)
         args.model = args.model or overrides.pop("model", None) or from_files.get("model") or "LLMGen"

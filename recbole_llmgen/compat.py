@@ -13,8 +13,10 @@ plugin needs to make it run sits here and is applied once by :func:`apply` (call
 * ray 2.6.3 (imported by ``recbole.quick_start``) imports ``pkg_resources``, removed in
   setuptools 81: pinned ``setuptools<81``, checked here.
 * torch >= 2.6 loads with ``weights_only=True``, which cannot read RecBole's pickled checkpoints
-  (they hold the whole ``Config``). :func:`trusted_torch_load` allows a full unpickle only inside
-  RecBole's own load points: a checkpoint this run wrote or a file the user named.
+  (they hold the whole ``Config``). :func:`trusted_torch_load` allows a full unpickle of exactly the
+  file RecBole's own load points are given (``Trainer.evaluate``'s checkpoint, ``resume_checkpoint``'s
+  file, ``load_data_and_model``'s model file): a checkpoint this run wrote or a file the user named.
+  Any other ``torch.load`` meanwhile (model weights a config names) keeps torch's safe default.
 * ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)``
   at import, so importing any RecBole sequential model turns anomaly detection on for the whole
   process: every backward pass then checks every gradient for NaN (measured: ~20% of a LoRA
@@ -27,8 +29,11 @@ plugin needs to make it run sits here and is applied once by :func:`apply` (call
   (the same draws as ``randint``, so a seed gives the same trials).
 * RecBole's multi-process mode (``nproc``, ``world_size``) is NCCL-only, double-counts users and
   averages per-rank metrics, wraps untrainable models in DDP and races on file names and folders:
-  :func:`recbole_llmgen.distributed.install` (called by :func:`apply`) replaces those pieces; a
-  single-process run still takes RecBole's own code path.
+  :func:`recbole_llmgen.distributed.install` replaces those pieces; a single-process run still
+  takes RecBole's own code path.
+
+Every RecBole symbol the plugin replaces goes through :func:`replace` (marked as ours, RecBole's
+original kept); :mod:`recbole_llmgen.patches` lists them all with the test that fails without each.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import inspect
+import os
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,6 +58,23 @@ _NUMPY_ALIASES = {
 }
 
 _applied = False
+ORIGINALS: dict[tuple[int, str], object] = {}  # (id of the owner, name) -> RecBole's own object
+
+
+def replace(owner, name: str, new) -> None:
+    """Set ``owner.name`` to ``new`` (the plugin's version of a RecBole symbol), marked as ours and
+    with RecBole's original kept in :data:`ORIGINALS`. Replacing again keeps the first original."""
+    ORIGINALS.setdefault((id(owner), name), getattr(owner, name, None))
+    try:
+        new.__llmgen_patch__ = True
+    except (AttributeError, TypeError):  # objects that take no attributes are recognised by type
+        pass
+    setattr(owner, name, new)
+
+
+def original(owner, name: str):
+    """RecBole's own ``owner.name`` before the plugin replaced it (the current one when it did not)."""
+    return ORIGINALS.get((id(owner), name), getattr(owner, name))
 
 
 def _version_tuple(package: str) -> tuple[int, ...]:
@@ -101,53 +126,66 @@ def set_recbole_numpy_aliases() -> None:
 
 
 @contextlib.contextmanager
-def trusted_torch_load() -> Iterator[None]:
-    """Within this block ``torch.load`` defaults to ``weights_only=False``.
+def trusted_torch_load(*paths) -> Iterator[None]:
+    """Within this block ``torch.load`` of one of ``paths`` defaults to ``weights_only=False``;
+    every other file keeps torch's safe default.
 
     RecBole checkpoints pickle the whole Config (and use pickle protocol 4, which the
     weights-only unpickler rejects), so they cannot be read any other way. Unpickling runs code
-    from the file: use this only for a file this run wrote or the user named.
+    from the file: name only a file this run wrote or the user named.
     """
     import torch
 
-    original = torch.load
+    original_load = torch.load
+    trusted = {os.path.realpath(os.fspath(p)) for p in paths if p is not None}
 
-    @functools.wraps(original)
-    def load(*args, **kwargs):
-        kwargs.setdefault("weights_only", False)
-        return original(*args, **kwargs)
+    @functools.wraps(original_load)
+    def load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.path.realpath(os.fspath(f)) in trusted:
+            kwargs.setdefault("weights_only", False)
+        return original_load(f, *args, **kwargs)
 
     torch.load = load
     try:
         yield
     finally:
-        torch.load = original
+        torch.load = original_load
 
 
-def _with_trusted_load(function):
-    if getattr(function, "_llmgen_trusted_load", False):
-        return function
+def _trusting(function, checkpoint_of):
+    """``function`` with ``torch.load`` trusting only the checkpoint ``checkpoint_of(arguments)`` names."""
+    signature = inspect.signature(function)
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        with trusted_torch_load():
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with trusted_torch_load(checkpoint_of(bound.arguments)):
             return function(*args, **kwargs)
 
-    wrapper._llmgen_trusted_load = True
     return wrapper
 
 
+def _evaluated_checkpoint(arguments):
+    if not arguments.get("load_best_model"):
+        return None
+    return arguments.get("model_file") or getattr(arguments["self"], "saved_model_file", None)
+
+
 def patch_checkpoint_loading() -> None:
-    """Let RecBole's own load points read RecBole checkpoints on torch >= 2.6."""
-    import recbole.quick_start
-    import recbole.quick_start.quick_start as qs
+    """Let RecBole's own load points read the RecBole checkpoint they are given on torch >= 2.6."""
+    with warnings.catch_warnings():  # ray 2.6.3 imports pkg_resources: deprecated, and pinned (setuptools<81)
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import recbole.quick_start
+        import recbole.quick_start.quick_start as qs
     from recbole.trainer import trainer
 
-    trainer.Trainer.evaluate = _with_trusted_load(trainer.Trainer.evaluate)
-    trainer.Trainer.resume_checkpoint = _with_trusted_load(trainer.Trainer.resume_checkpoint)
-    wrapped = _with_trusted_load(qs.load_data_and_model)
-    qs.load_data_and_model = wrapped
-    recbole.quick_start.load_data_and_model = wrapped
+    replace(trainer.Trainer, "evaluate", _trusting(trainer.Trainer.evaluate, _evaluated_checkpoint))
+    replace(trainer.Trainer, "resume_checkpoint",
+            _trusting(trainer.Trainer.resume_checkpoint, lambda a: a["resume_file"]))  # fmt: skip
+    loader = _trusting(qs.load_data_and_model, lambda a: a["model_file"])
+    replace(qs, "load_data_and_model", loader)
+    replace(recbole.quick_start, "load_data_and_model", loader)
 
 
 def undo_global_anomaly_detection() -> None:
@@ -188,7 +226,7 @@ def patch_exhaustive_search() -> None:
     import recbole.trainer.hyper_tuning as hyper_tuning
 
     if not isinstance(hyper_tuning.np, _NumpyWithIntegers):
-        hyper_tuning.np = _NumpyWithIntegers()
+        replace(hyper_tuning, "np", _NumpyWithIntegers())
 
 
 def apply() -> None:
@@ -202,7 +240,4 @@ def apply() -> None:
     patch_checkpoint_loading()
     undo_global_anomaly_detection()
     patch_exhaustive_search()
-    from recbole_llmgen import distributed
-
-    distributed.install()
     _applied = True

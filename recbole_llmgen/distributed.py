@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recbole_llmgen.compat import replace, trusted_torch_load
+
 _installed = False
 _ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")
 
@@ -178,12 +180,11 @@ def merge_rows(per_rank: list[list[tuple[int, dict]]]) -> dict:
 
 def load_checkpoint_everywhere(path: str, device) -> dict:
     """Rank 0 reads the checkpoint (without optimizer state), every rank receives it."""
-    from recbole_llmgen.compat import trusted_torch_load
 
     def read():
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist on rank 0")
-        with trusted_torch_load():
+        with trusted_torch_load(path):
             checkpoint = torch.load(path, map_location="cpu")
         checkpoint.pop("optimizer", None)
         return checkpoint
@@ -317,7 +318,7 @@ def _replace_ensure_dir() -> None:
     original = utils.ensure_dir
     for name, module in list(sys.modules.items()):
         if name.startswith("recbole") and getattr(module, "ensure_dir", None) is original:
-            module.ensure_dir = ensure_dir
+            replace(module, "ensure_dir", ensure_dir)
 
 
 _originals: dict = {}
@@ -339,11 +340,11 @@ def install() -> None:
         trainer_init=trainer.Trainer.__init__,
         save_checkpoint=trainer.Trainer._save_checkpoint,
     )
-    Config._init_device = _init_device
-    AbstractDataLoader.__init__ = _init_dataloader
-    trainer.Trainer.evaluate = evaluate
-    trainer.Trainer.__init__ = _init_trainer
-    trainer.Trainer._save_checkpoint = _save_checkpoint
+    replace(Config, "_init_device", _init_device)
+    replace(AbstractDataLoader, "__init__", _init_dataloader)
+    replace(trainer.Trainer, "evaluate", evaluate)
+    replace(trainer.Trainer, "__init__", _init_trainer)
+    replace(trainer.Trainer, "_save_checkpoint", _save_checkpoint)
     _replace_ensure_dir()
     _installed = True
 
@@ -393,7 +394,7 @@ def _spawned(local_rank, model, dataset, config_file_list, config_dict, saved, q
     from recbole.quick_start import quick_start
 
     import recbole_llmgen  # noqa: F401  (registers LLMGen and installs the fixes in this process)
-    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.integration import recbole_argv
 
     share_cpus(int(config_dict["nproc"]))
     with recbole_argv():

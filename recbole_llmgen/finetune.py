@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-TRAIN_MODES = ("none", "lora", "full")
 CHECKPOINT_FORMAT = 1
 
 

@@ -119,15 +119,20 @@ def resolve_dtype(
     """The dtype the LLM's weights are stored in.
 
     ``auto``: bf16 on CUDA; on a CPU with native bf16 (``fast_bf16``, detected when None) bf16
-    as well, except for ``train_mode: full``, whose trainable weights stay fp32 (training then
-    computes in bf16 under autocast); fp32 on other CPUs, where bf16 is emulated and slow.
+    as well; fp32 on other CPUs, where bf16 is emulated and slow. ``train_mode: full`` trains every
+    weight, so the weights stay fp32 on every device (Adam on bf16 weights loses small updates):
+    training then computes in bf16 under autocast.
     """
     if llm_dtype != "auto" and llm_dtype not in DTYPES:
         raise ValueError(f"llm_dtype: {llm_dtype!r} is not allowed; choose one of auto, {', '.join(DTYPES)}")
     kind = torch.device(device).type
     fast = _native_bf16(kind, fast_bf16)
+    if train_mode == "full":
+        if llm_dtype not in ("auto", "float32"):
+            logger.info("train_mode: full keeps fp32 master weights; %s is the autocast compute dtype", llm_dtype)
+        return torch.float32
     if llm_dtype == "auto":
-        dtype = torch.bfloat16 if fast and not (kind == "cpu" and train_mode == "full") else torch.float32
+        dtype = torch.bfloat16 if fast else torch.float32
         logger.info(
             "llm_dtype: auto -> %s on %s (%s)",
             str(dtype).removeprefix("torch."),

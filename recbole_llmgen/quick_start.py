@@ -2,35 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from collections.abc import Iterator
 
-import yaml
-
-DEFAULT_DATA_PATH = "datasets/"
-
-
-@contextlib.contextmanager
-def recbole_argv(argv: list[str] | None = None) -> Iterator[None]:
-    """RecBole's Config parses ``--key=value`` from ``sys.argv``: show it only ``argv``."""
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else "recbole-llmgen", *(argv or [])]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def _user_sets(key: str, config_file_list, config_dict) -> bool:
-    if config_dict and key in config_dict:
-        return True
-    for path in config_file_list or []:
-        with open(path, encoding="utf-8") as f:
-            if key in (yaml.safe_load(f) or {}):
-                return True
-    return False
+from recbole_llmgen.integration import with_data_path
 
 
 def run_recbole(
@@ -56,9 +30,7 @@ def run_recbole(
     """
     import recbole.quick_start
 
-    config_dict = dict(config_dict or {})
-    if not _user_sets("data_path", config_file_list, config_dict):
-        config_dict["data_path"] = DEFAULT_DATA_PATH
+    config_dict = with_data_path(dict(config_dict or {}), config_file_list)
     if model is not None and not isinstance(model, str):
         raise TypeError(f"model: expected a model name, got {model!r}")
     if model is not None:
@@ -95,31 +67,3 @@ def _processes(nproc, world_size, group_offset) -> tuple[int, int, int]:
             f"0..{world_size - 1} (world_size {world_size}, nproc {nproc})"
         )
     return nproc, world_size, group_offset
-
-
-def every_column_unless_set(dataset: str, config_dict: dict) -> dict:
-    """``config_dict`` with ``load_col: None`` for a dataset without a RecBole yaml (unless set):
-    RecBole's sample.yaml would load only user_id and item_id for every model but LLMGen, so no
-    timestamps for a time-ordered split. Comparing models needs every model to load every column."""
-    from recbole_llmgen.model import has_recbole_dataset_yaml
-
-    if "load_col" in config_dict or has_recbole_dataset_yaml(dataset):
-        return config_dict
-    return {**config_dict, "load_col": None}
-
-
-def load_data(config):
-    """RecBole's (train, valid, test) loaders for ``config``, seeded as its run_recbole seeds them."""
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
-
-    init_seed(config["seed"], config["reproducibility"])
-    return data_preparation(config, create_dataset(config))
-
-
-def build_model(config, train_data):
-    """``config['model']`` on the training dataset, seeded and on the configured device."""
-    from recbole.utils import get_model, init_seed
-
-    init_seed(config["seed"], config["reproducibility"])
-    return get_model(config["model"])(config, train_data._dataset).to(config["device"])

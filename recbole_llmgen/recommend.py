@@ -9,6 +9,10 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from recbole_llmgen import text
+from recbole_llmgen.integration import load_model, user_histories
+from recbole_llmgen.requests import score_requests
+
 COLUMNS = ["user_id", "rank", "item_id", "item_text", "score", "explanation"]
 EXPLAIN_PROMPT = (
     "{history_prompt}\n\nThe recommendation is: {item}.\n"
@@ -19,47 +23,6 @@ EXPLAIN_REQUEST_PROMPT = (
     "In one or two sentences, explain why this fits what the user asks for and their history."
 )
 NEW_USER = "new-user"  # the user_id of rows for a request without a user
-
-
-def _load(model, dataset, config_file_list, config_dict, model_file):
-    from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.quick_start import load_data_and_model
-    from recbole.utils import get_model, init_seed
-
-    if model_file is not None:
-        config, model_obj, full, *_ = load_data_and_model(model_file)
-        if dataset is not None and dataset != config["dataset"]:
-            raise ValueError(
-                f"model_file: {model_file} was trained on dataset {config['dataset']!r}, not {dataset!r}; "
-                f"use --dataset {config['dataset']} or a model file of {dataset!r}"
-            )
-        return config, model_obj, full
-    if dataset is None:
-        raise ValueError("dataset: give a dataset name (or a model_file to take it from)")
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    full = create_dataset(config)
-    train_data, _, _ = data_preparation(config, full)
-    model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    return config, model_obj, full
-
-
-def _histories(full, user_ids: list[int], uid_field: str, iid_field: str, time_field: str | None):
-    """Each user's whole history in the filtered dataset, oldest first."""
-    inter = full.inter_feat
-    users = inter[uid_field].numpy()
-    items = inter[iid_field].numpy()
-    order = range(len(users))
-    if time_field and time_field in inter.interaction:
-        times = inter[time_field].numpy()
-        order = sorted(order, key=lambda r: (times[r], r))
-    wanted = set(user_ids)
-    histories = {u: [] for u in user_ids}
-    for r in order:
-        if users[r] in wanted:
-            histories[int(users[r])].append(int(items[r]))
-    return histories
 
 
 def recommend(
@@ -82,7 +45,7 @@ def recommend(
     fixed, for one or two sentences per item; explanations never change the ranking.
 
     ``request``: what the user asks for now, in their own words ("a funny movie about space"): it
-    goes into the prompt and widens the candidates (:func:`recbole_llmgen.conversation.rank_for_request`).
+    goes into the prompt and widens the candidates (:func:`recbole_llmgen.requests.rank_for_request`).
     ``users=None`` with a request: a new user without history (rows named ``new-user``).
     """
     if isinstance(users, str):
@@ -90,13 +53,11 @@ def recommend(
     if topk < 1:
         raise ValueError(f"topk: expected an integer >= 1, got {topk}")
     if request is not None:
-        from recbole_llmgen import text
-
         text.request_line("{request}", request)  # empty: a named error before the model loads
     elif not users:
         raise ValueError("users: give at least one user id (or a request, for a new user without history)")
     users = list(users or [])
-    config, rec, full = _load(model, dataset, config_file_list, config_dict, model_file)
+    config, rec, full = load_model(model, dataset, config_file_list, config_dict, model_file)
     uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
     known = full.field2token_id[uid]
     unknown = [u for u in map(str, users) if u not in known]
@@ -106,7 +67,7 @@ def recommend(
             f"user_id: {unknown} not in dataset {config['dataset']!r} ({len(known) - 1} users, e.g. {sample})"
         )
     inner = [known[str(u)] for u in users]
-    histories = _histories(full, inner, uid, iid, config["TIME_FIELD"])
+    histories = user_histories(full, inner, uid, iid, config["TIME_FIELD"])
     if request is not None:
         return _recommend_for_request(rec, full, iid, users, inner, histories, request, topk, explain,
                                       max_explanation_tokens)  # fmt: skip
@@ -137,9 +98,9 @@ def recommend(
         for rank, (value, item) in enumerate(zip(values.tolist(), items.tolist()), start=1):
             if value == -math.inf:
                 break
-            text = rec.item_texts[item] if hasattr(rec, "item_texts") else ""
+            item_text = rec.item_texts[item] if hasattr(rec, "item_texts") else ""
             explanation = explain_item(rec, histories[u], item, max_explanation_tokens) if explain else ""
-            rows.append([str(user), rank, str(full.id2token(iid, item)), text, float(value), explanation])
+            rows.append([str(user), rank, str(full.id2token(iid, item)), item_text, float(value), explanation])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -147,14 +108,14 @@ def _recommend_for_request(
     rec, full, iid, users, inner, histories, request, topk, explain, max_explanation_tokens
 ) -> pd.DataFrame:
     """Rows for ``request``: every user's list in one batch (no users: one new user, no history)."""
-    from recbole_llmgen.conversation import score_requests
-
     pairs = [(str(u), i, histories[i]) for u, i in zip(users, inner)] or [(NEW_USER, None, [])]
     scored = score_requests(rec, [h for *_, h in pairs], [request] * len(pairs), [i for _, i, _ in pairs],
-                            llm_for_requests=rec.request_weight < 1)  # fmt: skip
+                            llm_for_requests=rec.settings.request_weight < 1)  # fmt: skip
     rows = []
     for (user, _, history), lists in zip(pairs, scored):
-        for rank, (item, score) in enumerate(lists.ranked(rec.request_weight, rec.request_focus, topk), start=1):
+        for rank, (item, score) in enumerate(
+            lists.ranked(rec.settings.request_weight, rec.settings.request_focus, topk), start=1
+        ):
             explanation = explain_item(rec, history, item, max_explanation_tokens, request) if explain else ""
             rows.append([user, rank, str(full.id2token(iid, item)), rec.item_texts[item], score, explanation])
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -163,19 +124,17 @@ def _recommend_for_request(
 @torch.no_grad()
 def explain_item(rec, history: list[int], item: int, max_new_tokens: int = 60, request: str | None = None) -> str:
     """One or two sentences from the LLM on why ``item`` fits ``history`` (and the request), greedy."""
-    from recbole_llmgen import text
-
-    window = [i for i in history if i][-rec.max_history_items :]
-    history_prompt = text.user_prompt(rec.prompt_template, [rec.item_texts[i] for i in window])
+    settings = rec.settings
+    window = [i for i in history if i][-settings.max_history_items :]
+    history_prompt = text.user_prompt(settings.prompt_template, [rec.item_texts[i] for i in window])
     if request is None:
         user_text = EXPLAIN_PROMPT.format(history_prompt=history_prompt, item=rec.item_texts[item])
     else:
-        line = text.request_line(rec.request_template, request)
+        line = text.request_line(settings.request_template, request)
         user_text = EXPLAIN_REQUEST_PROMPT.format(
             history_prompt=history_prompt, request_line=line, item=rec.item_texts[item]
         )
-    prompt = rec.render_prompt(user_text)
-    ids = torch.tensor([rec._encode(prompt)], device=rec.llm.device)
+    ids = torch.tensor([rec.prompts.encode(rec.prompts.render(user_text))], device=rec.llm.device)
     tokenizer = rec.tokenizer
     output = rec.llm.generate(
         input_ids=ids,

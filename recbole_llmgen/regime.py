@@ -64,6 +64,11 @@ class Regime:
         return "; ".join(parts) if parts else "all data, all users"
 
 
+class RegimeUnavailable(ValueError):
+    """The dataset cannot carry a data regime (no time column, rows RecBole filters out): a named
+    error for a regime that needs it; the plain benchmark then runs without the per-user table."""
+
+
 def check_regime(train_fraction=None, cold_users=None, cold_items=None) -> Regime:
     """A :class:`Regime` from the benchmark's options, or a named error saying what is allowed."""
     fraction = 1.0 if train_fraction is None else train_fraction
@@ -79,7 +84,7 @@ def check_regime(train_fraction=None, cold_users=None, cold_items=None) -> Regim
 def _column(header: list[str], name: str, path: str) -> int:
     names = [field.split(":")[0] for field in header]
     if name not in names:
-        raise ValueError(f"{path}: no {name!r} column (has {', '.join(names)}); a data regime needs it")
+        raise RegimeUnavailable(f"{path}: no {name!r} column (has {', '.join(names)}); a data regime needs it")
     return names.index(name)
 
 
@@ -153,7 +158,7 @@ def recbole_sort_keys(config, users: np.ndarray) -> np.ndarray:
     uid = config["USER_ID_FIELD"]
     tokens = feat[uid].to_numpy() if hasattr(feat[uid], "to_numpy") else feat[uid].numpy()
     if len(tokens) != len(users):
-        raise ValueError(
+        raise RegimeUnavailable(
             f"data regime: RecBole keeps {len(tokens)} of the {len(users)} rows of {config['dataset']}.inter "
             "(filters such as user_inter_num_interval, val_interval or rm_dup_inter); a regime needs every row"
         )
@@ -171,7 +176,7 @@ def prepare(regime: Regime, config, out: str) -> tuple[str | None, object]:
             "cold_users, cold_items) reads the dataset's atomic files"
         )
     if config["TIME_FIELD"] is None:
-        raise ValueError("TIME_FIELD: a data regime needs the time column the leave-one-out split orders by")
+        raise RegimeUnavailable("TIME_FIELD: a data regime needs the time column the leave-one-out split orders by")
     fields = {"user": config["USER_ID_FIELD"], "item": config["ITEM_ID_FIELD"], "time": config["TIME_FIELD"]}
     header, lines, users, items, times = read_interactions(source, dataset, fields, config["field_separator"])
     keys = recbole_sort_keys(config, users)

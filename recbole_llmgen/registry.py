@@ -33,6 +33,8 @@ import types
 from dataclasses import dataclass
 from typing import Callable
 
+from recbole_llmgen.compat import replace
+
 _KIND_PACKAGE = {
     "SEQUENTIAL": "sequential_recommender",
     "GENERAL": "general_recommender",
@@ -90,7 +92,7 @@ def register_model(
     if trainer_class is not None:
         import recbole.trainer
 
-        setattr(recbole.trainer, f"{name}Trainer", trainer_class)
+        replace(recbole.trainer, f"{name}Trainer", trainer_class)
     _PLUGINS[name] = PluginModel(name, model_class, yaml_path, trainer_class, finalize_config)
     install_hooks()
 
@@ -233,12 +235,12 @@ def install_hooks() -> None:
 
     get_model = _get_model_with_names(utils.get_model)
     for module in (utils, recbole.utils, configurator, quick_start):
-        module.get_model = get_model
+        replace(module, "get_model", get_model)
     get_flops = _get_flops_hook(utils.get_flops)
     for module in (recbole.utils, utils, quick_start):
-        module.get_flops = get_flops
+        replace(module, "get_flops", get_flops)
     Config = configurator.Config
-    Config._load_internal_config_dict = _load_internal_config_dict_hook(Config._load_internal_config_dict)
-    Config._set_default_parameters = _set_default_parameters_hook(Config._set_default_parameters)
-    Config._get_model_and_dataset = _get_model_and_dataset_hook(Config._get_model_and_dataset)
+    replace(Config, "_load_internal_config_dict", _load_internal_config_dict_hook(Config._load_internal_config_dict))
+    replace(Config, "_set_default_parameters", _set_default_parameters_hook(Config._set_default_parameters))
+    replace(Config, "_get_model_and_dataset", _get_model_and_dataset_hook(Config._get_model_and_dataset))
     _hooks_installed = True

@@ -62,11 +62,10 @@ def ranking_metrics(top: list[int], target: int, genre_items: set[int] | None) -
 
 def genre_index(model, field: str) -> tuple[list[list[str]], dict[str, set[int]]]:
     """Each item's genres and, per genre, its items (from the .item field ``field``)."""
-    dataset = model._candidate_dataset
-    if dataset.item_feat is None or field not in dataset.item_feat.columns:
-        fields = [] if dataset.item_feat is None else [f for f in dataset.item_feat.columns if f != model.ITEM_ID]
-        raise ValueError(f"request_field: {field!r} is not a loaded item field (item fields: {fields})")
-    genres = [value.split() for value in model._field_strings(dataset, field)]
+    loaded = model.retriever.item_fields()
+    if field not in loaded:
+        raise ValueError(f"request_field: {field!r} is not a loaded item field (item fields: {loaded})")
+    genres = [value.split() for value in model.retriever.item_field(field)]
     items: dict[str, set[int]] = {}
     for item, names in enumerate(genres):
         for name in names:
@@ -78,7 +77,7 @@ def evaluate_split(model, loader, field: str, seed: int, baselines: bool = True)
     """Every ranking of the protocol for the users of ``loader`` (RecBole's full-sort loader);
     ``baselines=False``: only LLMGen's request lists (what choosing the weight needs)."""
     from recbole_llmgen import two_stage
-    from recbole_llmgen.conversation import _top, score_requests
+    from recbole_llmgen.requests import score_requests, top_items
 
     genres, by_genre = genre_index(model, field)
     tokens_u = loader._dataset.field2id_token[model.USER_ID]
@@ -101,22 +100,22 @@ def evaluate_split(model, loader, field: str, seed: int, baselines: bool = True)
         out["genre_items"].extend(by_genre.get(genre) if genre else None for _, genre in asked)
         if not baselines:
             continue
-        classic = two_stage.candidate_scores(model.candidate_model(), interaction, model.device)
+        classic = two_stage.candidate_scores(model.retriever.candidate_model(), interaction, model.device)
         with torch.no_grad():
             plain = model.full_sort_predict(interaction).cpu()
         for b, (user, history) in enumerate(zip(users, histories)):
-            seen = {*history, *model.training_items.get(user, [])}
+            seen = set(model.retriever.seen(user, history))
             genre = asked[b][1]
             wanted = by_genre.get(genre) if genre else None
-            out["classic"].append(_top(classic[b], TOPK, seen))
+            out["classic"].append(top_items(classic[b], TOPK, seen))
             if wanted:
                 restricted = torch.full_like(classic[b], -math.inf)
                 ids = torch.tensor(sorted(wanted))
                 restricted[ids] = classic[b][ids]
-                out["classic_genre"].append(_top(restricted, TOPK, seen))
+                out["classic_genre"].append(top_items(restricted, TOPK, seen))
             else:
                 out["classic_genre"].append(out["classic"][-1])
-            out["llm_plain"].append(_top(plain[b], TOPK, seen))
+            out["llm_plain"].append(top_items(plain[b], TOPK, seen))
     out["target_tokens"] = [str(tokens_i[t]) for t in out["targets"]]
     # every user's request list at once: the LLM scores many users per pass (a loader batch holds ~2)
     histories, users = out.pop("histories"), out.pop("user_ids")
@@ -146,8 +145,7 @@ def run_request_protocol(spec: dict, out: str, classic_name: str) -> list[dict]:
     the protocol on valid (weight) and test, write the files, return the rows."""
     from recbole.utils import init_logger
 
-    from recbole_llmgen.quick_start import build_model, load_data, recbole_argv
-    from recbole_llmgen.two_stage import build_config
+    from recbole_llmgen.integration import build_config, build_model, load_checkpoint, load_data, recbole_argv
 
     with recbole_argv([]):
         config = build_config("LLMGen", spec["dataset"], spec["config"], spec.get("config_files"))
@@ -156,7 +154,7 @@ def run_request_protocol(spec: dict, out: str, classic_name: str) -> list[dict]:
     train_data, valid_data, test_data = load_data(config)
     model = build_model(config, train_data)
     if spec.get("model_file"):  # a trained LLMGen: its checkpoint's weights and fusion weight
-        checkpoint = torch.load(spec["model_file"], map_location=model.device, weights_only=False)
+        checkpoint = load_checkpoint(spec["model_file"], map_location=model.device)
         model.load_state_dict(checkpoint["state_dict"])
         model.load_other_parameter(checkpoint.get("other_parameter"))
     valid = evaluate_split(model, valid_data, field, seed, baselines=False)

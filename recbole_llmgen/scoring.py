@@ -143,12 +143,17 @@ def _pass_tensors(rows: Sequence[PackedRow], shared_length: int, pad_id: int, dt
     return torch.from_numpy(ids), torch.from_numpy(positions), mask[:, None], torch.from_numpy(keep)
 
 
-def _read_logprobs(logits: torch.Tensor, flat_index: torch.Tensor, tokens: torch.Tensor, chunk: int = 32):
+LOGSOFTMAX_ROWS = {"cpu": 32}  # rows per log-softmax chunk; other devices: 1024 (one kernel launch per chunk)
+
+
+def _read_logprobs(logits: torch.Tensor, flat_index: torch.Tensor, tokens: torch.Tensor, chunk: int | None = None):
     """log p(token) at row ``flat_index`` of ``logits`` [M, V] for each read, in fp32. [R]
 
-    The log-softmax runs over ``chunk`` rows at a time (fused, fp32 output small enough to stay in
-    the CPU cache: ~1.4x faster than whole-tensor ops), and only the read entries are kept.
+    The log-softmax runs over ``chunk`` rows at a time (on a CPU 32: a fused fp32 output small
+    enough to stay in the cache, ~1.4x faster than whole-tensor ops; on a GPU 1024, where each
+    chunk is a kernel launch), and only the read entries are kept.
     """
+    chunk = chunk or LOGSOFTMAX_ROWS.get(logits.device.type, 1024)
     values = torch.empty(len(flat_index), dtype=torch.float32, device=logits.device)
     order = torch.argsort(flat_index, stable=True)
     edges = torch.arange(0, len(logits) + chunk, chunk, device=logits.device)

@@ -118,10 +118,12 @@ class WindowLoader:
 def window_loader(train_data, model, batch_size: int, seed: int) -> WindowLoader:
     """Every training window of the split behind ``train_data`` (RecBole's training loader)."""
     dataset = train_data._dataset
-    size = model.max_history_items + 1
-    items = [w for seq in training_sequences(dataset).values() for w in windows(seq, size, model.window_stride)]
+    size = model.settings.max_history_items + 1
+    items = [
+        w for seq in training_sequences(dataset).values() for w in windows(seq, size, model.settings.window_stride)
+    ]
     if not items:
         raise ValueError(
             "llm_train_objective: sequence found no user with two or more training interactions to make a window of"
         )
-    return WindowLoader(dataset, items, [model.list_length(w) for w in items], batch_size, seed)
+    return WindowLoader(dataset, items, [model.prompts.list_length(w) for w in items], batch_size, seed)

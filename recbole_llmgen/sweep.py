@@ -85,9 +85,9 @@ def run_sweep(
 def write_sweep(rows: list[dict], key: str, values: list, out: str, meta: dict) -> None:
     import pandas as pd
 
-    from recbole_llmgen.benchmark import _label
+    from recbole_llmgen.benchmark import row_label
 
-    frame = pd.DataFrame([{"label": _label(r), **r} for r in rows])
+    frame = pd.DataFrame([{"label": row_label(r), **r} for r in rows])
     frame.to_csv(os.path.join(out, "sweep.csv"), index=False)
     with open(os.path.join(out, "sweep.md"), "w", encoding="utf-8") as f:
         f.write(sweep_table(rows, key, values, meta))

@@ -88,7 +88,7 @@ def user_prompt(template: str, history_texts: Sequence[str]) -> str:
 LABELS = string.ascii_uppercase
 
 
-CHAT_COMMANDS = "like N, dislike N, more like N, not this kind, help, quit"
+CHAT_COMMANDS = "like N, dislike N, more like N, not this kind, why N, help, quit"
 CHAT_HELP = (
     f"Type what you would like (e.g. 'a funny movie about space'), or feedback on the last list: {CHAT_COMMANDS}. "
     "Liked items join your history; disliked and shown ones are not proposed again."

@@ -14,7 +14,7 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_llmgen import distributed, finetune, sequence, two_stage
-from recbole_llmgen.model import FUSION_GRID
+from recbole_llmgen.settings import FUSION_GRID
 
 LOG_EVERY = 50  # optimizer steps between loss lines in the log
 
@@ -58,27 +58,28 @@ class LLMGenTrainer(Trainer):
         return getattr(self.model, "train_mode", "none") == "none"
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        if self.model.candidate_kind == "model" and not self.model.candidate_model_file:
-            name = self.model.candidate_source
+        settings = self.model.settings
+        if settings.candidate_kind == "model" and not self.model.candidate_model_file:
+            name = settings.candidate_source
             if verbose:
                 self.logger.info(set_color(f"candidate_source: {name}", "green") + ": training it first")
             self.model.candidate_model_file = two_stage.train_candidate_model(name, self.config, show_progress)
         if not self.zero_shot:
-            if self.model.train_objective == "sequence":
+            if settings.train_objective == "sequence":
                 train_data = sequence.window_loader(
                     train_data, self.model, self.config["train_batch_size"], int(self.config["seed"] or 0)
                 )
                 what = (
-                    f"{len(train_data.items)} windows of up to {self.model.max_history_items + 1} items "
+                    f"{len(train_data.items)} windows of up to {settings.max_history_items + 1} items "
                     f"({train_data.predictions} next-item predictions)"
                 )
             else:
-                train_data = finetune.bounded_train_loader(train_data, self.model.llm_train_examples_per_user)
+                train_data = finetune.bounded_train_loader(train_data, settings.llm_train_examples_per_user)
                 what = f"{len(train_data._dataset)} training examples"
             if verbose:
                 self.logger.info(
                     set_color(f"train_mode: {self.model.train_mode}", "green")
-                    + f", llm_train_objective: {self.model.train_objective}: {what} per epoch, "
+                    + f", llm_train_objective: {settings.train_objective}: {what} per epoch, "
                     + f"{sum(p.numel() for p in self._trainable_parameters())} trainable parameters"
                 )
             resume = self.config["checkpoint"]
@@ -102,7 +103,7 @@ class LLMGenTrainer(Trainer):
         """One optimizer step per RecBole batch, gradients accumulated over micro-batches."""
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
-        micro = self.model.llm_train_batch_size
+        micro = self.model.settings.llm_train_batch_size
         total = 0.0
         if isinstance(train_data, sequence.WindowLoader):
             train_data.set_epoch(epoch_idx)  # reshuffled every epoch (each rank its own batches)
@@ -146,9 +147,11 @@ class LLMGenTrainer(Trainer):
         """``score_fusion: auto``: first choose the LLM's weight on this (valid) split from
         ``FUSION_GRID`` by ``valid_metric`` (the LLM scores each user once; every weight reuses them),
         then validate with it. The weight is saved with the checkpoint; the test split never sees the grid."""
-        if getattr(self.model, "score_fusion", "none") == "auto":
+        if self.model.settings.score_fusion != "auto":
+            return super()._valid_epoch(valid_data, show_progress=show_progress)
+        with self.model.scorer.cached():  # the grid and the validation score each user once
             self.choose_fusion_weight(valid_data)
-        return super()._valid_epoch(valid_data, show_progress=show_progress)
+            return super()._valid_epoch(valid_data, show_progress=show_progress)
 
     def choose_fusion_weight(self, valid_data) -> float:
         """The weight of ``FUSION_GRID`` with the best ``valid_metric`` on ``valid_data``; set on the model."""

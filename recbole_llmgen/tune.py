@@ -84,18 +84,14 @@ def hyperopt_space(params: dict[str, tuple[str, object]]) -> dict:
 def trial_config(dataset: str, config_files: list[str] | None, settings: dict) -> dict:
     """``settings`` as a run's config dict: the default data_path unless set, every column of a
     dataset without a RecBole yaml (as ``recbole-llmgen run`` and the benchmark do)."""
-    from recbole_llmgen.quick_start import DEFAULT_DATA_PATH, _user_sets, every_column_unless_set
+    from recbole_llmgen.integration import every_column_unless_set, with_data_path
 
-    config = dict(settings)
-    if not _user_sets("data_path", config_files, config):
-        config["data_path"] = DEFAULT_DATA_PATH
-    return every_column_unless_set(dataset, config)
+    return every_column_unless_set(dataset, with_data_path(settings, config_files))
 
 
 def known_keys(model: str, dataset: str, config_files: list[str] | None, overrides: dict) -> set[str]:
     """Every key RecBole's Config knows for ``model`` on ``dataset`` (its defaults and the model's)."""
-    from recbole_llmgen.quick_start import recbole_argv
-    from recbole_llmgen.two_stage import build_config
+    from recbole_llmgen.integration import build_config, recbole_argv
 
     with recbole_argv([]):
         config = build_config(model, dataset, trial_config(dataset, config_files, overrides), config_files)

@@ -174,8 +174,8 @@ def test_finetune_config_gives_llm_only_and_fused_rows(toy_config_dict, tmp_path
         runner=benchmark.run_in_process,
         log=lambda _: None,
     )
-    _label = benchmark._label
-    by_label = {_label(r): r for r in rows}
+    row_label = benchmark.row_label
+    by_label = {row_label(r): r for r in rows}
     bpr = next(r for r in rows if r["model"] == "BPR")
     assert bpr["epoch_cap"] == 300  # the file's epochs: 1 is LLMGen's only
     llm = [r for r in rows if r["model"] == "LLMGen"]
@@ -184,7 +184,7 @@ def test_finetune_config_gives_llm_only_and_fused_rows(toy_config_dict, tmp_path
     assert fused["status"] == alone["status"] == "ok"
     assert fused["trainable_parameters"] > 0 and fused["epochs_trained"] == 1
     assert 0.0 <= fused["fusion_weight"] <= 1.0 and alone["fusion_weight"] == 1.0
-    assert "fine-tuned" in _label(fused) and "LLM only" in _label(alone) and "fused" in _label(fused)
+    assert "fine-tuned" in row_label(fused) and "LLM only" in row_label(alone) and "fused" in row_label(fused)
     for row in llm:
         assert row["users"] == bpr["users"] and row["compared_to"] == "BPR"
         assert row["test_ndcg@10"] is not None and row["valid_ndcg@10"] is not None
@@ -223,3 +223,40 @@ def test_filtered_data_gives_an_llmgen_row_over_the_classic_models_candidates(to
     pop, llm = rows
     assert pop["status"] == llm["status"] == "ok", llm.get("error")
     assert llm["candidate_source"].endswith(".pth") and llm["users"] == pop["users"] == 7
+
+
+def test_an_error_without_text_still_gives_a_line():
+    assert benchmark.error_line(RuntimeError()) == "RuntimeError"
+    assert benchmark.error_line(ValueError("first\nlast")) == "last"
+
+
+def test_the_llm_only_row_restores_the_fusion_weight_when_it_fails():
+    from types import SimpleNamespace
+
+    def evaluate(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    trainer = SimpleNamespace(evaluate=evaluate, evaluator=SimpleNamespace(evaluate=lambda struct: {}), config={})
+    model = SimpleNamespace(fusion_weight=0.3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        benchmark.llm_only_variant({}, trainer, model, None, [])
+    assert model.fusion_weight == 0.3
+
+
+def test_regime_data_raises_what_is_not_a_missing_regime(toy_config_dict, tmp_path, monkeypatch):
+    from recbole_llmgen.regime import Regime, RegimeUnavailable
+
+    overrides = bench_overrides(toy_config_dict)
+
+    def broken(*args):
+        raise ValueError("a real defect")
+
+    monkeypatch.setattr(benchmark, "prepare_regime", broken)
+    with pytest.raises(ValueError, match="a real defect"):
+        benchmark.regime_data(Regime(), "toy", overrides, None, str(tmp_path / "out"))
+
+    def unavailable(*args):
+        raise RegimeUnavailable("TIME_FIELD: a data regime needs the time column")
+
+    monkeypatch.setattr(benchmark, "prepare_regime", unavailable)
+    assert benchmark.regime_data(Regime(), "toy", overrides, None, str(tmp_path / "out")) == (None, None)

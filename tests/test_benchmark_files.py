@@ -47,7 +47,7 @@ def test_history_comes_from_item_id_list(tmp_path, tiny_llm_path, cache_dir):
         user = dataset.id2token("user_id", int(batch["user_id"][row]))
         history = batch[model.ITEM_SEQ][row, : batch[model.ITEM_SEQ_LEN][row]].tolist()
         assert [dataset.id2token("item_id", i) for i in history] == sequences[user][:6]
-        prompt = model.tokenizer.decode(model.build_prompt(history))
+        prompt = model.tokenizer.decode(model.prompts.build(history))
         assert model.item_texts[int(batch["item_id"][row])] not in prompt  # the target is not in it
     scores = model.full_sort_predict(batch)
     assert scores.shape == (len(batch), model.n_items) and not torch.isnan(scores).any()

@@ -53,7 +53,7 @@ def test_trusted_torch_load_only_inside_the_block(tmp_path):
     torch.save({"config": _Opaque(3)}, path, pickle_protocol=4)
     with pytest.raises(Exception, match="weights_only"):
         torch.load(path)
-    with compat.trusted_torch_load():
+    with compat.trusted_torch_load(str(path)):
         assert torch.load(path)["config"].value == 3
     with pytest.raises(Exception, match="weights_only"):
         torch.load(path)  # the default is restored afterwards

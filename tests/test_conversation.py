@@ -1,6 +1,7 @@
 """A request in the user's own words, and a session that learns from feedback (issue 15)."""
 
 import io
+import os
 import sys
 
 import pytest
@@ -8,8 +9,9 @@ from conftest import bench_overrides, build
 
 from recbole_llmgen import text
 from recbole_llmgen.cli import main
-from recbole_llmgen.conversation import Session, item_descriptions, rank_for_request
+from recbole_llmgen.conversation import Session
 from recbole_llmgen.recommend import recommend
+from recbole_llmgen.requests import rank_for_request
 
 REQUEST = "a funny movie about space"
 
@@ -26,20 +28,20 @@ def _session(toy_config_dict, user="u1", **extra):
 def test_request_goes_into_every_prompt_format(toy_config_dict, tokenizer):
     _, chat, *_ = build(toy_config_dict)
     history = [3, 5, 7]
-    with_request = tokenizer.decode(chat.build_prompt(history, [2, 4], request=REQUEST))
-    without = tokenizer.decode(chat.build_prompt(history, [2, 4]))
-    line = text.request_line(chat.request_template, REQUEST)
+    with_request = tokenizer.decode(chat.prompts.build(history, [2, 4], request=REQUEST))
+    without = tokenizer.decode(chat.prompts.build(history, [2, 4]))
+    line = text.request_line(chat.settings.request_template, REQUEST)
     assert line not in without and line in with_request
     assert with_request.index(chat.item_texts[7]) < with_request.index(line)  # after the history
 
     _, listed, *_ = build({**toy_config_dict, "prompt_format": "list"})
-    ids = listed.build_prompt(history, [2, 4], request=REQUEST)
-    head = listed._encode(f"{line}\n{listed.list_header}")
+    ids = listed.prompts.build(history, [2, 4], request=REQUEST)
+    head = listed.prompts.encode(f"{line}\n{listed.settings.list_header}")
     # the request line before the header; the list still ends where the next item begins
-    assert ids == head + [t for i in history for t in listed.item_token_ids[i]]
+    assert ids == head + [t for i in history for t in listed.prompts.item_token_ids[i]]
 
     _, verbal, *_ = build({**toy_config_dict, "score_method": "verbalizer"})
-    decoded = tokenizer.decode(verbal.build_prompt(history, [2, 4], request=REQUEST))
+    decoded = tokenizer.decode(verbal.prompts.build(history, [2, 4], request=REQUEST))
     assert decoded.index(line) < decoded.index("Candidates:")
 
 
@@ -47,21 +49,21 @@ def test_request_changes_scores_and_is_part_of_the_cache_key(toy_config_dict):
     _, model, *_ = build(toy_config_dict)
     model.eval()
     history, candidates = [3, 5, 7], [2, 4, 6, 8]
-    plain = model.score_candidates_batch([history], [candidates])[0]
-    asked = model.score_candidates_batch([history], [candidates], requests=[REQUEST])[0]
+    plain = model.scorer.score([history], [candidates])[0]
+    asked = model.scorer.score([history], [candidates], requests=[REQUEST])[0]
     assert not plain.allclose(asked)
-    reference = model._score_uncached([history], [candidates], [0], [REQUEST])[0]
+    reference = model.scorer.score([history], [candidates], [0], [REQUEST])[0]  # no cache: computed afresh
     assert asked.allclose(reference)
-    generated = model.generate_items_batch([history], requests=[REQUEST])[0]
+    generated = model.generator.items([history], requests=[REQUEST])[0]
     assert generated and all(i not in history for i, _ in generated)
 
 
 def test_bad_requests_are_named(toy_config_dict):
     _, model, *_ = build({**toy_config_dict, "llm_max_length": 60})
     with pytest.raises(ValueError, match="request: empty; say what you would like"):
-        model.build_prompt([3], [2], request="   ")
+        model.prompts.build([3], [2], request="   ")
     with pytest.raises(ValueError, match=r"request: too long for the model context: .* more than the limit 60"):
-        model.build_prompt([3], [2], request="space " * 80)
+        model.prompts.build([3], [2], request="space " * 80)
     with pytest.raises(ValueError, match="request_template: must contain '{request}'"):
         build({**toy_config_dict, "request_template": "The user asks:"})
     with pytest.raises(ValueError, match=r"request_weight: expected a number in \[0, 1\]"):
@@ -79,13 +81,13 @@ def test_request_retriever_reads_other_item_fields(toy_config_dict, toy_root):
         encoding="utf-8",
     )
     _, model, *_ = build(toy_config_dict)
-    described = item_descriptions(model)
+    described = model.retriever.item_descriptions()
     assert described[1].startswith(model.item_texts[1] + ". ")
     assert {d.split(". ")[-1] for d in described[1:]} == {"Comedy, Sci-Fi", "Drama"} or {
         d.split(". ")[-1] for d in described[1:]
     } == {"Comedy Sci-Fi", "Drama"}
     # request only (a new user): the retriever brings the requested genre; same inputs, same list
-    model.request_weight, model.request_focus = 1.0, 100.0  # the request's similarity decides
+    model.settings.request_weight, model.settings.request_focus = 1.0, 100.0  # the request's similarity decides
     first = rank_for_request(model, [], "a comedy science fiction film", topk=5)
     assert first == rank_for_request(model, [], "a comedy science fiction film", topk=5)
     assert all("Comedy" in described[i] for i, _ in first)
@@ -93,12 +95,12 @@ def test_request_retriever_reads_other_item_fields(toy_config_dict, toy_root):
 
 def test_session_feedback_changes_the_next_list(toy_config_dict, tmp_path):
     session = _session(toy_config_dict)
-    assert session.model.request_weight == 1.0  # the default: the retriever orders, the LLM is not asked
+    assert session.model.settings.request_weight == 1.0  # the default: the retriever orders, the LLM is not asked
 
     def no_llm(*args, **kwargs):
         raise AssertionError("request_weight 1 leaves the order to the retriever: no LLM pass")
 
-    session.model.score_candidates_batch = no_llm
+    session.model.scorer.score = no_llm
     history = list(session.history)
     first = session.ask(REQUEST)
     assert len(first) == 4 and not {session.item_ids[r["item_id"]] for r in first} & set(history)
@@ -236,9 +238,45 @@ def test_request_protocol_rows(toy_config_dict, toy_root, tmp_path):
 def test_every_score_method_takes_a_request(toy_config_dict, method):
     session = _session(toy_config_dict, score_method=method, num_beams=3, request_weight=0.5)
     calls = []
-    score = session.model.score_candidates_batch
-    session.model.score_candidates_batch = lambda *a, **k: calls.append(a[3]) or score(*a, **k)
+    score = session.model.scorer.score
+    session.model.scorer.score = lambda *a, **k: calls.append(a[3]) or score(*a, **k)
     first = session.ask(REQUEST)
     assert calls == [[REQUEST]]  # the LLM scored the list, the request in its prompt
     assert len(first) == 4
     assert session.feedback("dislike 1") and session.item_ids[first[0]["item_id"]] in session.disliked
+
+
+def test_feedback_whose_next_list_fails_changes_nothing(toy_config_dict, tmp_path, monkeypatch):
+    import recbole_llmgen.conversation as conversation
+
+    session = _session(toy_config_dict)
+    session.feedback_path = str(tmp_path / "feedback.inter")
+    session.ask(REQUEST)
+    before = {key: (list(v) if isinstance(v, list) else set(v)) for key, v in session._state().items()}
+
+    def failing(*args, **kwargs):
+        raise ValueError("request: too long for the model context")
+
+    monkeypatch.setattr(conversation, "rank_for_request", failing)
+    for line in ("like 1", "dislike 2", "more like 3", "not this kind"):
+        reply = session.handle(line)
+        assert reply.message.startswith("request: too long") and not reply.rows
+        assert {key: (list(v) if isinstance(v, list) else set(v)) for key, v in session._state().items()} == before
+    assert not os.path.exists(session.feedback_path)  # nothing recorded for feedback that did not take
+    monkeypatch.undo()
+    assert session.handle("like 1").rows and os.path.exists(session.feedback_path)
+
+
+def test_why_explains_an_item_of_the_last_list_on_demand(toy_config_dict):
+    session = _session(toy_config_dict)
+    assert session.handle("why 1").message == "why: there is no list yet; type a request first"
+    rows = session.ask(REQUEST)
+    reply = session.handle("why 2")
+    assert reply.message.startswith(rows[1]["item_text"] + ": ") and len(reply.message) > len(rows[1]["item_text"]) + 2
+    assert (
+        not reply.rows
+        and session.last
+        and [r["item_id"] for r in rows] == [str(session.item_tokens[i]) for i, _ in session.last]
+    )  # explaining changes no list
+    assert session.handle("explain 9").message == "why: needs a number on the list (1..4), got 9"
+    assert session.handle("why x").message == "why: needs a number on the list, got 'x'"

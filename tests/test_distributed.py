@@ -50,7 +50,7 @@ def test_two_processes_give_the_one_process_metrics_exactly(odd_config, protocol
 def test_builtin_model_trains_on_two_processes(odd_config, tmp_path, model):
     from recbole.quick_start import load_data_and_model
 
-    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.integration import recbole_argv
 
     config = dict(odd_config, epochs=2, train_batch_size=8, load_col=None)
     config["eval_args"] = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}
@@ -121,7 +121,7 @@ def _rank_main(local_rank: int, config_dict: dict, port: str, out_dir: str) -> N
     from recbole.utils import get_model, get_trainer, init_seed
 
     from recbole_llmgen.distributed import rank_config
-    from recbole_llmgen.quick_start import load_data, recbole_argv
+    from recbole_llmgen.integration import load_data, recbole_argv
 
     torch.set_num_threads(1)
     recbole_trainer.get_local_time = lambda: f"clock-of-rank-{local_rank}"  # ranks disagree on the time
@@ -207,7 +207,7 @@ def test_training_on_two_ranks_syncs_weights_and_writes_one_agreed_checkpoint(od
 
     from recbole.quick_start import load_data_and_model
 
-    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.integration import recbole_argv
 
     with recbole_argv():
         _, model, _, _, _, test_data = load_data_and_model(zero["saved_model_file"])
@@ -254,7 +254,7 @@ def test_two_machines_with_group_offset_give_the_one_process_metrics(odd_config,
 def test_too_few_gpus_for_nproc_is_named(odd_config, monkeypatch):
     from recbole.config import Config
 
-    from recbole_llmgen.quick_start import recbole_argv
+    from recbole_llmgen.integration import recbole_argv
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # restored afterwards (the check sets it)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # checked before any process group or GPU call

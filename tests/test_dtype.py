@@ -28,7 +28,9 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
         ("auto", "cpu", "lora", True, torch.bfloat16),
         ("auto", "cpu", "full", True, torch.float32),  # trainable weights stay fp32; autocast computes in bf16
         ("auto", "cpu", "none", False, torch.float32),
-        ("auto", "cuda", "full", False, torch.bfloat16),
+        ("auto", "cuda", "lora", False, torch.bfloat16),
+        ("auto", "cuda", "full", False, torch.float32),  # fp32 master weights for Adam on CUDA too
+        ("bfloat16", "cuda", "full", False, torch.float32),  # bf16 is then the autocast dtype
         ("float32", "cpu", "none", True, torch.float32),
         ("bfloat16", "cpu", "none", True, torch.bfloat16),
     ],
@@ -90,3 +92,20 @@ def test_explicit_float32_turns_autocast_off(toy_config_dict, monkeypatch):
     monkeypatch.setattr(llm_module, "cpu_has_fast_bf16", lambda flags=None: True)
     _, model, *_ = build({**toy_config_dict, "llm_dtype": "float32", "train_mode": "lora", "lora_r": 4})
     assert model.autocast_dtype is None
+
+
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_float16_training_is_named(toy_config_dict, train_mode):
+    with pytest.raises(ValueError, match="llm_dtype: float16 cannot train .*gradient scaler.*choose auto or bfloat16"):
+        build({**toy_config_dict, "llm_dtype": "float16", "train_mode": train_mode})
+
+
+def test_moving_the_model_elsewhere_is_refused_by_name(toy_config_dict):
+    _, model, *_ = build({**toy_config_dict, "train_mode": "lora", "lora_r": 2})
+    assert model.to(model.device) is model  # RecBole's own .to(config["device"]) keeps working
+    before = {name: p.dtype for name, p in model.named_parameters()}
+    for move in (model.half, lambda: model.to(torch.float64), model.double):
+        with pytest.raises(ValueError, match="LLMGen: moving the model to .* not supported .*llm_dtype"):
+            move()
+    assert {name: p.dtype for name, p in model.named_parameters()} == before  # nothing moved halfway
+    assert all(p.dtype == torch.float32 for p in model.llm.parameters() if p.requires_grad)

@@ -1,5 +1,6 @@
 """Fine-tuning: what is trained, what is saved, what reloads, what is refused."""
 
+import copy
 import os
 
 import numpy as np
@@ -46,8 +47,8 @@ def test_prompt_tokens_carry_no_loss(toy_config_dict):
     expected = []
     for row in range(3):
         history = batch[model.ITEM_SEQ][row, : batch[model.ITEM_SEQ_LEN][row]].tolist()
-        target = model.item_token_ids[int(batch[model.ITEM_ID][row])]
-        prompt = model.build_prompt(history, reserve_tokens=len(target))
+        target = model.prompts.item_token_ids[int(batch[model.ITEM_ID][row])]
+        prompt = model.prompts.build(history, reserve_tokens=len(target))
         expected.append(-naive_scores(model.llm, prompt, [target])[0])
     # the loss is exactly minus the likelihood score of the target tokens: no prompt token counts
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-4)
@@ -85,11 +86,11 @@ def test_verbalizer_training_candidates(toy_config_dict):
     _, model, train_data, *_ = build(_lora(toy_config_dict, score_method="verbalizer"))
     batch = _batch(train_data, rows=6)
     targets = batch[model.ITEM_ID].tolist()
-    shown, positions = model.training_candidates(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], targets)
+    shown, positions = model.training_lists(batch, targets)
     for row, (items, position, target) in enumerate(zip(shown, positions, targets)):
         history = set(batch[model.ITEM_SEQ][row, : batch[model.ITEM_SEQ_LEN][row]].tolist())
         assert items[position] == target and items.count(target) == 1
-        assert len(items) == model.num_candidates and not (set(items) - {target}) & history
+        assert len(items) == model.settings.num_candidates and not (set(items) - {target}) & history
 
 
 def test_recent_rows_keeps_the_last_examples_per_user():
@@ -157,15 +158,29 @@ def test_resume_continues_training(toy_config_dict):
         _lora(toy_config_dict, epochs=2, checkpoint=first.saved_model_file)
     )
     trainer = LLMGenTrainer(config, model)
-    seen = []
+    seen, at_start = [], {}
     original = trainer._train_epoch
-    trainer._train_epoch = lambda data, epoch, **kw: seen.append(epoch) or original(data, epoch, **kw)
-    loaded = {}
-    original_load = model.load_state_dict
-    model.load_state_dict = lambda state, **kw: loaded.update(state) or original_load(state, **kw)
+
+    def train_epoch(data, epoch, **kw):
+        if not seen:  # the weights and optimizer state training resumes from
+            at_start["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+            at_start["optimizer"] = copy.deepcopy(trainer.optimizer.state_dict())  # Adam updates in place
+        seen.append(epoch)
+        return original(data, epoch, **kw)
+
+    trainer._train_epoch = train_epoch
     trainer.fit(train_data, valid_data, saved=False)
     assert seen == [saved["epoch"] + 1]  # starts after the saved epoch
-    assert set(loaded) == set(saved["state_dict"])
+    expected = {k: v for k, v in saved["state_dict"].items() if torch.is_tensor(v)}
+    assert set(at_start["weights"]) == set(expected) and expected
+    for key, value in expected.items():
+        assert torch.equal(at_start["weights"][key], value), key  # the checkpoint's weights, not fresh ones
+    resumed, stored = at_start["optimizer"]["state"], saved["optimizer"]["state"]
+    assert resumed and set(resumed) == set(stored)  # Adam's moments come back too
+    for key in stored:
+        assert (
+            torch.equal(resumed[key]["exp_avg"], stored[key]["exp_avg"]) and resumed[key]["step"] == stored[key]["step"]
+        )
 
 
 def test_missing_resume_checkpoint_is_named(toy_config_dict):
@@ -242,8 +257,8 @@ def test_a_crash_mid_training_keeps_the_last_good_checkpoint(toy_config_dict, mo
     trainer = LLMGenTrainer(config, model)
     calls = {"n": 0}
     original = model.calculate_loss
-    rows_per_epoch = len(finetune.bounded_train_loader(train_data, model.llm_train_examples_per_user)._dataset)
-    micro_batches_per_epoch = -(-rows_per_epoch // model.llm_train_batch_size)
+    rows_per_epoch = len(finetune.bounded_train_loader(train_data, model.settings.llm_train_examples_per_user)._dataset)
+    micro_batches_per_epoch = -(-rows_per_epoch // model.settings.llm_train_batch_size)
 
     def flaky(interaction):
         calls["n"] += 1

@@ -46,14 +46,12 @@ def test_weight_zero_is_the_candidate_models_ranking(toy_config_dict, source):
     _, model, _, _, test_data = build({**toy_config_dict, "candidate_source": source, "score_fusion": 0.0})
     model.eval()
     batch = _batch(test_data)
-    calls = []
-    model._score_uncached = lambda *a: calls.append(a)  # weight 0: the LLM is never asked
     with torch.no_grad():
-        retrieval = model.retrieval_scores(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch)
+        retrieval = model.retriever.scores(batch)
         fused = model.full_sort_predict(batch).cpu()
     for row in range(len(batch)):
         _monotone(retrieval[row], fused[row])
-    assert not calls
+    assert model.scorer.scored_users == 0  # weight 0: the LLM is never asked
 
 
 def test_weight_zero_gives_the_candidate_models_metrics(toy_config_dict):
@@ -89,7 +87,7 @@ def test_sampled_protocol_fuses_each_users_sampled_items(toy_config_dict):
     batch = _batch(test_data)
     with torch.no_grad():
         scores = model.predict(batch).cpu()
-    counts = torch.log1p(model.item_counts[batch[model.ITEM_ID]].float())
+    counts = torch.log1p(model.retriever.item_counts[batch[model.ITEM_ID]].float())
     users = batch[model.USER_ID]
     for user in users.unique():
         rows = (users == user).nonzero()[:, 0]
@@ -141,3 +139,35 @@ def test_auto_without_validation_is_named(toy_config_dict):
 def test_bad_fusion_settings_are_named(toy_config_dict, extra, message):
     with pytest.raises(ValueError, match=message):
         build({**toy_config_dict, **extra})
+
+
+def test_the_fusion_grid_scores_each_valid_user_once_and_keeps_nothing_after(toy_config_dict):
+    config, model, train_data, valid_data, test_data = build({**toy_config_dict, "score_fusion": "auto"})
+    users = sum(len(batch[0]) for batch in valid_data)
+    trainer = LLMGenTrainer(config, model)
+    trainer.fit(train_data, valid_data, saved=False)  # 11 weights, then the validation with the chosen one
+    assert len(trainer.fusion_history[-1]) == 11
+    assert model.scorer.scored_users == users  # each valid user through the LLM once
+    assert model.scorer.cache_size == 0  # nothing kept once the grid is done
+    model.fusion_weight = 1.0  # the LLM ranks (the grid may have chosen 0, which asks it nothing)
+    model.eval()
+    with torch.no_grad():
+        model.full_sort_predict(_batch(test_data))
+        model.full_sort_predict(_batch(test_data))
+    assert model.scorer.cache_size == 0  # outside scorer.cached() nothing is kept: a long-lived process stays flat
+    assert model.scorer.scored_users == users + 2 * len(_batch(test_data))
+
+
+def test_the_score_cache_is_bounded_and_cleared_when_weights_change(toy_config_dict):
+    _, model, *_ = build(toy_config_dict)
+    model.eval()
+    model.scorer.max_entries = 3
+    histories = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
+    with torch.no_grad(), model.scorer.cached():
+        first = model.scorer.score(histories, [[11, 12]] * 5, [0, 1, 2, 3, 4])
+        assert model.scorer.cache_size == 3  # the least recently used went first
+        again = model.scorer.score(histories[-3:], [[11, 12]] * 3, [2, 3, 4])
+        assert model.scorer.scored_users == 5 and all(a.equal(b) for a, b in zip(first[-3:], again))
+        model.train()  # training will change the weights: the cache starts again
+        assert model.scorer.cache_size == 0
+    assert model.scorer.cache_size == 0

@@ -32,10 +32,10 @@ def test_target_never_in_prompt(toy_config_dict, tokenizer):
     for row in range(len(batch)):
         history = batch[model.ITEM_SEQ][row, : batch[model.ITEM_SEQ_LEN][row]].tolist()
         target = int(batch[model.ITEM_ID][row])
-        prompt = tokenizer.decode(model.build_prompt(history))
+        prompt = tokenizer.decode(model.prompts.build(history))
         assert model.item_texts[target] not in prompt
         # the most recent history items are in the prompt, oldest first, most recent last
-        recent = [model.item_texts[i] for i in history[-model.max_history_items :]]
+        recent = [model.item_texts[i] for i in history[-model.settings.max_history_items :]]
         positions = [prompt.index(t) for t in recent]
         assert positions == sorted(positions)
 
@@ -45,10 +45,10 @@ def test_full_sort_predict_ranks_candidates_first(toy_config_dict):
     batch = _first_batch(test_data)
     scores = model.full_sort_predict(batch)
     assert scores.shape == (len(batch), model.n_items)
-    retrieval = model.retrieval_scores(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    retrieval = model.retriever.scores(batch)
     from recbole_llmgen.candidates import top_candidates
 
-    candidates = top_candidates(retrieval, model.num_candidates)
+    candidates = top_candidates(retrieval, model.settings.num_candidates)
     for row in range(len(batch)):
         cand = set(candidates[row].tolist())
         others = [i for i in range(1, model.n_items) if i not in cand and math.isfinite(retrieval[row, i])]
@@ -69,12 +69,12 @@ def test_predict_agrees_with_full_sort_predict(toy_config_dict, score_method):
     _, model, _, _, test_data = build(config)
     batch = _first_batch(test_data)
     full = model.full_sort_predict(batch)
-    retrieval = model.retrieval_scores(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    retrieval = model.retriever.scores(batch)
     from recbole.data.interaction import Interaction
 
     from recbole_llmgen.candidates import top_candidates
 
-    candidates = top_candidates(retrieval, model.num_candidates)
+    candidates = top_candidates(retrieval, model.settings.num_candidates)
     rows = {key: [] for key in (model.USER_ID, model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.ITEM_ID)}
     for row in range(len(batch)):
         for item in reversed(candidates[row].tolist()):  # another row order than full sort
@@ -84,7 +84,9 @@ def test_predict_agrees_with_full_sort_predict(toy_config_dict, score_method):
             rows[model.ITEM_ID].append(torch.tensor(item))
     inter = Interaction({k: torch.stack(v) for k, v in rows.items()})
     predicted = model.predict(inter)
-    expected = torch.stack([full[r // model.num_candidates, inter[model.ITEM_ID][r]] for r in range(len(inter))])
+    expected = torch.stack(
+        [full[r // model.settings.num_candidates, inter[model.ITEM_ID][r]] for r in range(len(inter))]
+    )
     assert torch.allclose(predicted, expected, atol=1e-4)
 
 
@@ -98,9 +100,9 @@ def test_users_sharing_a_pass_score_as_one_user_at_a_time(toy_config_dict, score
     histories = [batch[one.ITEM_SEQ][r, : batch[one.ITEM_SEQ_LEN][r]].tolist() for r in range(len(batch))]
     lists = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]][: len(histories)]
     keys = batch[one.USER_ID].tolist()[: len(lists)]
-    batched = many.score_candidates_batch(histories[: len(lists)], lists, keys)
+    batched = many.scorer.score(histories[: len(lists)], lists, keys)
     for history, items, key, got in zip(histories, lists, keys, batched):
-        assert torch.allclose(got, one.score_candidates(history, items, key), atol=1e-5)
+        assert torch.allclose(got, one.scorer.score([history], [items], [key])[0], atol=1e-5)
 
 
 def test_the_old_batch_size_key_is_named(toy_config_dict):
@@ -111,7 +113,7 @@ def test_the_old_batch_size_key_is_named(toy_config_dict):
 def test_text_candidates(toy_config_dict):
     _, model, _, _, test_data = build(dict(toy_config_dict, candidate_source="text"))
     batch = _first_batch(test_data)
-    retrieval = model.retrieval_scores(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    retrieval = model.retriever.scores(batch)
     assert retrieval.shape == (len(batch), model.n_items)
     finite = retrieval[torch.isfinite(retrieval)]
     assert finite.max() <= 1.0 + 1e-5 and finite.min() >= -1.0 - 1e-5  # cosine similarities
@@ -128,8 +130,8 @@ def test_popularity_prior_adds_log_count(toy_config_dict):
     batch = _first_batch(test_data)
     history = batch[plain.ITEM_SEQ][0, : batch[plain.ITEM_SEQ_LEN][0]].tolist()
     items = [1, 2, 3]
-    delta = prior.score_candidates(history, items) - plain.score_candidates(history, items)
-    assert torch.allclose(delta, 0.5 * torch.log1p(plain.item_counts[items].float()), atol=1e-5)
+    delta = prior.scorer.score([history], [items])[0] - plain.scorer.score([history], [items])[0]
+    assert torch.allclose(delta, 0.5 * torch.log1p(plain.retriever.item_counts[items].float()), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -197,8 +199,8 @@ def test_prompt_overflow_drops_oldest_items(toy_config_dict):
     batch = _first_batch(test_data)
     history = batch[model.ITEM_SEQ][0, : batch[model.ITEM_SEQ_LEN][0]].tolist()
     with pytest.warns(UserWarning, match="dropping the oldest history items"):
-        ids = model.build_prompt(history, [1, 2])
-    assert len(ids) + max(len(model.item_token_ids[i]) for i in (1, 2)) <= 120
+        ids = model.prompts.build(history, [1, 2])
+    assert len(ids) + max(len(model.prompts.item_token_ids[i]) for i in (1, 2)) <= 120
     text = model.tokenizer.decode(ids)
     assert model.item_texts[history[-1]] in text  # the most recent item is kept
-    assert model.item_texts[history[-model.max_history_items]] not in text
+    assert model.item_texts[history[-model.settings.max_history_items]] not in text

@@ -35,19 +35,22 @@ def _targets(loader) -> dict[int, set[int]]:
 
 def test_list_prompt_is_the_header_then_each_items_own_tokens(toy_config_dict):
     _, model, *_ = build(_list(toy_config_dict, train_mode="none"))
-    prompt = model.build_prompt([3, 1, 2])
-    head = model._encode("Movies a user watched, oldest first, one per line:\n")
-    assert prompt == head + model.item_token_ids[3] + model.item_token_ids[1] + model.item_token_ids[2]
+    prompt = model.prompts.build([3, 1, 2])
+    head = model.prompts.encode("Movies a user watched, oldest first, one per line:\n")
+    assert (
+        prompt
+        == head + model.prompts.item_token_ids[3] + model.prompts.item_token_ids[1] + model.prompts.item_token_ids[2]
+    )
     assert model.tokenizer.decode(prompt).endswith(model.item_texts[2] + "\n")  # the next item starts a line
     newline = model.tokenizer.encode("\n", add_special_tokens=False)
-    assert all(ids[-1:] == newline for ids in model.item_token_ids[1:])  # an item's end is scored too
-    assert not model.use_chat
+    assert all(ids[-1:] == newline for ids in model.prompts.item_token_ids[1:])  # an item's end is scored too
+    assert not model.prompts.use_chat
 
 
 def test_a_cut_item_text_keeps_its_line_break(toy_config_dict):
     _, model, *_ = build(_list(toy_config_dict, train_mode="none", max_item_text_tokens=3))
     newline = model.tokenizer.encode("\n", add_special_tokens=False)
-    assert all(len(ids) <= 3 and ids[-1:] == newline for ids in model.item_token_ids[1:])
+    assert all(len(ids) <= 3 and ids[-1:] == newline for ids in model.prompts.item_token_ids[1:])
 
 
 def test_training_row_and_scoring_read_the_same_log_probabilities(toy_config_dict):
@@ -56,11 +59,11 @@ def test_training_row_and_scoring_read_the_same_log_probabilities(toy_config_dic
     _, model, *_ = build(_list(toy_config_dict))
     model.eval()
     window = [5, 9, 2, 14, 7]  # max_history_items + 1 items
-    rows, spans = model.window_rows([window])
+    rows, spans = model.prompts.window_rows([window])
     with torch.no_grad():
         from_row = -finetune.sequence_item_nll(model.llm, rows, spans, model.tokenizer.pad_token_id)
         for k in range(1, len(window)):
-            scored = model._score_uncached([window[:k]], [[window[k], 1, 3]], [0])[0]
+            scored = model.scorer.score([window[:k]], [[window[k], 1, 3]], [0])[0]
             assert from_row[k - 1].item() == pytest.approx(scored[0].item(), abs=1e-4), k
 
 
@@ -133,7 +136,7 @@ def test_one_pass_trains_every_position(toy_config_dict):
     batch = next(iter(loader))
     windows = [row[:n].tolist() for row, n in zip(batch[sequence.WINDOW_FIELD], batch[sequence.WINDOW_LEN_FIELD])]
     loss = model.calculate_loss(batch)
-    rows, spans = model.window_rows(windows)
+    rows, spans = model.prompts.window_rows(windows)
     assert sum(len(s) for s in spans) == sum(len(w) - 1 for w in windows)
     expected = finetune.sequence_item_nll(model.llm, rows, spans, model.tokenizer.pad_token_id).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)

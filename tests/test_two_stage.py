@@ -40,10 +40,10 @@ def test_model_file_proposes_the_candidates(toy_config_dict):
     path = _sasrec_file(toy_config_dict)
     _, model, _, _, test_data = build({**toy_config_dict, "candidate_source": path})
     batch = _batch(test_data)
-    sasrec = model.candidate_model()
+    sasrec = model.retriever.candidate_model()
     with torch.no_grad():
         expected = sasrec.full_sort_predict(batch).view(len(batch), -1)
-    retrieval = model.retrieval_scores(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch)
+    retrieval = model.retriever.scores(batch)
     for row in range(len(batch)):
         history = set(batch[model.ITEM_SEQ][row, : batch[model.ITEM_SEQ_LEN][row]].tolist())
         for item in range(model.n_items):
@@ -53,9 +53,9 @@ def test_model_file_proposes_the_candidates(toy_config_dict):
                 assert retrieval[row, item] == pytest.approx(expected[row, item].item())
     # the LLM reranks exactly SASRec's top unseen items, above every other item
     scores = model.full_sort_predict(batch)
-    candidates = top_candidates(retrieval, model.num_candidates)
+    candidates = top_candidates(retrieval, model.settings.num_candidates)
     for row in range(len(batch)):
-        top = set(torch.topk(scores[row], model.num_candidates).indices.tolist())
+        top = set(torch.topk(scores[row], model.settings.num_candidates).indices.tolist())
         assert top == set(candidates[row].tolist())
     assert list(model.state_dict()) == ["_extra_state"]  # SASRec is neither trained nor saved with LLMGen
 
@@ -103,15 +103,15 @@ def test_a_candidate_model_with_other_id_mappings_ranks_by_tokens(toy_config_dic
             known = [i for i in order.tolist() if scores[row, i] > -math.inf]
             expected[dataset.id2token("user_id", user)] = [dataset.id2token("item_id", i) for i in known]
 
-    _, model, _, _, test_data = build({**toy_config_dict, "candidate_source": path})  # LLMGen unfiltered
-    assert isinstance(model.candidate_model(), MappedCandidateModel)
+    _, model, train_data, _, test_data = build({**toy_config_dict, "candidate_source": path})  # LLMGen unfiltered
+    assert isinstance(model.retriever.candidate_model(), MappedCandidateModel)
     assert model.n_items - 1 > len(dataset.field2id_token["item_id"]) - 1  # the item file adds items
-    assert len(expected) < len(model._candidate_dataset.field2id_token["user_id"]) - 1  # a user BPR never saw
-    users = model._candidate_dataset.field2id_token["user_id"]
-    items = model._candidate_dataset.field2id_token["item_id"]
+    ours = train_data._dataset
+    assert len(expected) < len(ours.field2id_token["user_id"]) - 1  # a user BPR never saw
+    users, items = ours.field2id_token["user_id"], ours.field2id_token["item_id"]
     compared = 0
     for interaction, *_ in test_data:
-        retrieval = model.retrieval_scores(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], interaction)
+        retrieval = model.retriever.scores(interaction)
         for row, user in enumerate(interaction["user_id"].tolist()):
             if str(users[user]) not in expected:
                 continue  # BPR's padding user: scores, but nothing to compare with
@@ -159,17 +159,13 @@ def test_model_name_is_trained_first_and_reloads(toy_config_dict):
     }
     config, model, train_data, valid_data, test_data = build(config_dict)
     with pytest.raises(ValueError, match="trained by LLMGenTrainer.fit"):
-        model.retrieval_scores(*_seq(model, _batch(test_data)), _batch(test_data))
+        model.retriever.scores(_batch(test_data))
     trainer = LLMGenTrainer(config, model)
     trainer.fit(train_data, valid_data, saved=True)
     assert model.candidate_model_file and model.candidate_model_file.endswith(".pth")
-    assert type(model.candidate_model()).__name__ == "SASRec"
+    assert type(model.retriever.candidate_model()).__name__ == "SASRec"
     batch = _batch(test_data)
     expected = model.full_sort_predict(batch)
     _, reloaded, *_ = load_data_and_model(trainer.saved_model_file)
     assert reloaded.candidate_model_file == model.candidate_model_file
     torch.testing.assert_close(reloaded.full_sort_predict(batch), expected, rtol=0, atol=1e-5)
-
-
-def _seq(model, batch):
-    return batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
