@@ -168,8 +168,8 @@ def main() -> None:
     llm, common = model.llm, model.scorer.shared_prefix()
     first = scoring._group_passes([r for r, _ in auto["rows"]], model.settings.llm_score_batch_tokens)[0]
     s = len(common.ids)
-    ids, positions, mask, keep = scoring._pass_tensors(first, s, 0, llm.dtype)
-    build_s = best_seconds(lambda: scoring._pass_tensors(first, s, 0, llm.dtype), 3)
+    ids, positions, mask, keep = scoring.pass_tensors(first, s, 0, llm.dtype)
+    build_s = best_seconds(lambda: scoring.pass_tensors(first, s, 0, llm.dtype), 3)
     cache_s = best_seconds(lambda: common.batch_cache(len(first)), 3)
 
     def layers():

@@ -173,7 +173,7 @@ def run_one(spec: dict) -> dict:
     )
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    scores_kept = model.scorer.cached() if fused else contextlib.nullcontext()
+    scores_kept = model.cached() if fused else contextlib.nullcontext()
     with scores_kept:  # fused, then LLM only: the LLM scores each test user once
         with keep_struct(trainer) as kept:
             test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
@@ -192,6 +192,8 @@ def run_one(spec: dict) -> dict:
         "fusion_weight": model.fusion_weight if fused else None,
         "variants": variants,
         "candidate_source": config["candidate_source"] if spec["model"] == "LLMGen" else "",
+        "score_method": config["score_method"] if spec["model"] == "LLMGen" else "",
+        "num_candidates": config["num_candidates"] if spec["model"] == "LLMGen" else None,
         "valid_metric": config["valid_metric"],
         "best_valid_score": _number(best_valid_score),
         **{f"valid_{k}": _number(v) for k, v in (best_valid or {}).items()},
@@ -414,7 +416,7 @@ def run_benchmark(
         config = model_config(model, dataset, protocol, overrides, out, config_files)
         if data_path is not None:  # the regime's copy of the data, for every model
             config["data_path"] = data_path
-        if model == "LLMGen" and "candidate_source" not in overrides:
+        if model == "LLMGen" and "candidate_source" not in {*overrides, *file_keys(config_files, model)}:
             best = best_classic(rows)
             if best is not None:
                 config["candidate_source"] = best["model_file"]
@@ -517,6 +519,20 @@ def _write_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
+def how_llmgen_ranks(row: dict) -> str:
+    """What an LLMGen row did, truthfully: generated from the catalogue or reranked a candidate list."""
+    source = str(row["candidate_source"])
+    name = {"pop": "Pop", "text": "the text retriever"}.get(source, os.path.basename(source).split("-")[0])
+    if row.get("score_method") == "generate":
+        if source == "none":
+            return "generates from the catalogue, no candidate model"
+        if row.get("variant") == "fused":
+            return f"generates, fused with {name}'s score of each item"
+        return f"generates from the catalogue, {name} below the generated items"
+    top = f" top {row['num_candidates']}" if row.get("num_candidates") else ""
+    return f"reranks {name}'s{top}"
+
+
 def row_label(row: dict) -> str:
     notes = []
     if row.get("variant") == "LLM only":
@@ -526,7 +542,7 @@ def row_label(row: dict) -> str:
     if row["model"] == "LLMGen" and (row.get("trainable_parameters") or 0) > 0:
         notes.append("fine-tuned")
     if row["model"] == "LLMGen" and row.get("candidate_source"):
-        notes.append(f"reranks {os.path.basename(str(row['candidate_source'])).split('-')[0]}")
+        notes.append(how_llmgen_ranks(row))
         if (row.get("processes") or 1) > 1:
             notes.append(f"{row['processes']} processes")
     if row.get("stopped_by") == "cap" and row.get("epoch_cap"):

@@ -8,10 +8,13 @@ summed log-probability, as usual; finished items by the length-normalised one).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+
+from recbole_llmgen.scoring import PackedRow, SharedPrefix, pass_tensors
 
 
 class ItemTrie:
@@ -25,6 +28,8 @@ class ItemTrie:
     def __init__(self, sequences: Sequence[Sequence[int]], item_ids: Sequence[int]):
         self.children: list[dict[int, int]] = [{}]
         self.items: list[list[int]] = [[]]
+        self.parent: list[int] = [-1]
+        paths: dict[int, list[int]] = {}  # item -> the nodes of its text, root excluded
         for tokens, item in zip(sequences, item_ids):
             if not tokens:
                 raise ValueError(f"item {item} has no tokens: it could never be generated")
@@ -36,10 +41,24 @@ class ItemTrie:
                     self.children[node][token] = nxt
                     self.children.append({})
                     self.items.append([])
+                    self.parent.append(node)
                 node = nxt
+                paths.setdefault(int(item), []).append(node)
             self.items[node].append(int(item))
         for ids in self.items:
             ids.sort()
+        self.paths = {item: np.asarray(nodes, dtype=np.int64) for item, nodes in paths.items()}
+        # items whose text ends at or below each node (a node is exhausted when a user has seen them all)
+        self.below = np.bincount(np.concatenate([*self.paths.values(), np.zeros(0, np.int64)]), minlength=len(self))
+
+    def exhausted(self, seen: Iterable[int]) -> set[int]:
+        """Nodes every item at or below which is in ``seen``: a beam entering one could only
+        finish seen items."""
+        paths = [self.paths[i] for i in set(seen) if i in self.paths]
+        if not paths:
+            return set()
+        counts = np.bincount(np.concatenate(paths), minlength=len(self))
+        return set(np.flatnonzero((counts == self.below) & (self.below > 0)).tolist())
 
     def __len__(self) -> int:
         return len(self.children)
@@ -58,16 +77,133 @@ class ItemTrie:
 
 
 def constrained_beam_search(
-    model, prompt_ids: Sequence[int], trie: ItemTrie, num_beams: int
+    model, prompt_ids: Sequence[int], trie: ItemTrie, num_beams: int, seen: Iterable[int] = ()
 ) -> list[tuple[int, float]]:
     """Items reachable by a beam search over ``trie`` after one prompt, best first.
 
     Returns ``(item_id, mean token log-prob)`` for every item whose end a beam reached, sorted by
     score (ties by item id). With ``num_beams`` >= the number of items every item is reached, so the
-    result is the exact ranking of the whole catalogue. One user of
-    :func:`batched_constrained_beam_search` (no padding).
+    result is the exact ranking of the whole catalogue. One user of :func:`batched_constrained_beam_search`.
     """
-    return batched_constrained_beam_search(model, [prompt_ids], trie, num_beams)[0]
+    return batched_constrained_beam_search(model, [prompt_ids], trie, num_beams, seen=[seen])[0]
+
+
+@torch.no_grad()
+def batched_constrained_beam_search(
+    model,
+    prompts: Sequence[Sequence[int]],
+    trie: ItemTrie,
+    num_beams: int,
+    pad_token_id: int = 0,
+    seen: Sequence[Iterable[int]] | None = None,
+    shared: SharedPrefix | None = None,
+    counts: dict | None = None,
+) -> list[list[tuple[int, float]]]:
+    """Catalogue-constrained beam search for several users at once, best items first per user.
+
+    ``seen[u]``: items user u may not be recommended. A trie node whose every item is seen is never
+    entered and a seen item is never finished, so no beam is spent on them. Beams are ranked by
+    summed log-probability, finished items by the mean (the number likelihood scoring gives).
+
+    One row per user, append-only: the prompt runs once (after ``shared``, a prefix every prompt
+    starts with, computed once), then each step feeds the new token of every live beam of every
+    user as a node of that user's row; a 4-D attention mask lets a node see its user's prompt and
+    its own ancestors only (beams of a user share their common prefix, as the trie does). No KV
+    cache is copied per beam, and only the allowed tokens' log-probabilities leave the device.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")
+    device, dtype = model.device, model.dtype
+    seen_sets = [set(s) for s in seen] if seen is not None else [set() for _ in prompts]
+    dead = [trie.exhausted(s) for s in seen_sets]
+    offset = len(shared.ids) if shared is not None and all(shared.matches(p) for p in prompts) else 0
+    rows = [PackedRow(list(p[offset:]), offset) for p in prompts]
+    ids, positions, mask, keep = pass_tensors(rows, offset, pad_token_id, dtype)
+    cache = shared.batch_cache(len(rows)) if offset else None
+    out = model(
+        input_ids=ids.to(device),
+        position_ids=positions.to(device),
+        attention_mask=mask.to(device),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=keep.to(device),
+    )
+    cache, logits = out.cache, out.logits  # logits [users, V]: each prompt's last position
+    counts = counts if counts is not None else {}
+    counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + sum(len(r.prompt) for r in rows)
+    width = offset + ids.shape[1]  # columns in the cache
+    prompt_columns = [offset + len(r.prompt) for r in rows]  # user u sees columns [0, this)
+    next_position = [offset + len(r.prompt) for r in rows]  # position of a depth-1 token
+    node_columns: list[dict[int, list[int]]] = [{0: []} for _ in prompts]  # trie node -> its path's columns
+    # one entry per live beam: (user, trie node, summed log-prob, length); its log-probs are row `k` of logits
+    beams = [(user, 0, 0.0, 0) for user in range(len(prompts))]
+    finished: list[dict[int, float]] = [{} for _ in prompts]
+    while beams:
+        values = iter(_allowed_logprobs(logits, beams, trie))
+        per_user: dict[int, list] = {}
+        for row, (user, node, total, length) in enumerate(beams):
+            for token, child in trie.children[node].items():
+                value = next(values)
+                if child not in dead[user]:
+                    per_user.setdefault(user, []).append((total + value, row, token, child, length + 1))
+        live = []
+        for user in sorted(per_user):
+            for total, _, token, child, length in sorted(per_user[user], key=lambda e: (-e[0], e[1], e[2]))[:num_beams]:
+                for item in trie.items[child]:
+                    if item not in seen_sets[user]:
+                        finished[user][item] = total / length
+                if trie.children[child]:
+                    live.append((user, child, total, length, token))
+        if not live:
+            break
+        counts["beam_tokens"] = counts.get("beam_tokens", 0) + len(live)
+        counts["steps"] = counts.get("steps", 0) + 1
+        logits, width = _feed(
+            model, cache, live, trie, node_columns, prompt_columns, next_position, width, pad_token_id
+        )
+        beams = [(user, child, total, length) for user, child, total, length, _ in live]
+    return [sorted(f.items(), key=lambda kv: (-kv[1], kv[0])) for f in finished]
+
+
+def _feed(model, cache, live, trie, node_columns, prompt_columns, next_position, width, pad_id):
+    """One step: every live beam's new token as a node of its user's row. Returns the nodes'
+    logits [len(live), V] (in ``live`` order) and the cache's new width."""
+    users = len(node_columns)
+    per_row: list[list[int]] = [[] for _ in range(users)]
+    for k, (user, *_rest) in enumerate(live):
+        per_row[user].append(k)
+    step = max(len(r) for r in per_row)
+    ids = torch.full((users, step), pad_id, dtype=torch.long)
+    positions = torch.zeros((users, step), dtype=torch.long)
+    allowed = torch.zeros((users, step, width + step), dtype=torch.bool)
+    keep = torch.zeros((users, step), dtype=torch.bool)
+    diagonal = torch.arange(step)
+    allowed[:, diagonal, width + diagonal] = True  # every position sees itself (padding only itself)
+    for user, entries in enumerate(per_row):
+        for j, k in enumerate(entries):
+            _, child, _, length, token = live[k]
+            parent = trie.parent[child]
+            path = node_columns[user][parent] + [width + j]
+            node_columns[user][child] = path
+            ids[user, j] = token
+            positions[user, j] = next_position[user] + length - 1
+            allowed[user, j, : prompt_columns[user]] = True
+            allowed[user, j, path] = True
+            keep[user, j] = True
+    mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill_(~allowed, torch.finfo(model.dtype).min)
+    device = model.device
+    logits = model(
+        input_ids=ids.to(device),
+        position_ids=positions.to(device),
+        attention_mask=mask[:, None].to(device),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=keep.to(device),
+    ).logits  # [kept, V], row by row: user 0's nodes, then user 1's...
+    order = [k for entries in per_row for k in entries]
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return logits[back.to(device)], width + step
 
 
 def _allowed_logprobs(logits: torch.Tensor, beams, trie: ItemTrie) -> list[float]:
@@ -79,74 +215,9 @@ def _allowed_logprobs(logits: torch.Tensor, beams, trie: ItemTrie) -> list[float
         children = trie.children[node]
         rows.extend([row] * len(children))
         tokens.extend(children)
-    logprobs = F.log_softmax(logits.float(), dim=-1)  # [rows, V]
     index = torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)
-    return logprobs[index].tolist()
-
-
-@torch.no_grad()
-def batched_constrained_beam_search(
-    model, prompts: Sequence[Sequence[int]], trie: ItemTrie, num_beams: int, pad_token_id: int = 0
-) -> list[list[tuple[int, float]]]:
-    """Catalogue-constrained beam search for several users at once, best items first per user.
-
-    Each prompt runs once; its KV cache rows are reordered by parent beam at every step. Beams
-    are ranked by summed log-prob, finished items by mean log-prob. Prompts are left-padded into one batch (2-D attention mask, explicit position ids); every step
-    feeds the live beams of all users together, each row attending to its own user's prompt only.
-    """
-    if num_beams < 1:
-        raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")
-    device = model.device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt))
-        mask[row, width - len(prompt) :] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.cache
-    logits = out.logits[:, -1]  # [rows, V], on the model's device
-    # one row per live beam: (user, trie node, summed log-prob, length)
-    beams = [(user, 0, 0.0, 0) for user in range(len(prompts))]
-    finished: list[dict[int, float]] = [{} for _ in prompts]
-    step = 0
-    while beams:
-        values = iter(_allowed_logprobs(logits, beams, trie))
-        per_user: dict[int, list] = {}
-        for row, (user, node, total, length) in enumerate(beams):
-            for token, child in trie.children[node].items():
-                per_user.setdefault(user, []).append((total + next(values), row, token, child, length + 1))
-        live = []
-        for user in sorted(per_user):
-            expansions = sorted(per_user[user], key=lambda e: (-e[0], e[1], e[2]))[:num_beams]
-            for total, row, token, child, length in expansions:
-                for item in trie.items[child]:
-                    finished[user][item] = total / length
-                if trie.children[child]:
-                    live.append((user, child, total, length, row, token))
-        if not live:
-            break
-        step += 1
-        cache.batch_select_indices(torch.tensor([row for *_, row, _ in live], device=device))
-        users = [user for user, *_ in live]
-        step_mask = torch.cat([mask[users], torch.ones(len(live), step, dtype=torch.long)], dim=1)
-        step_positions = torch.tensor([[len(prompts[u]) + step - 1] for u in users])
-        logits = model(
-            input_ids=torch.tensor([[token] for *_, token in live], device=device),
-            attention_mask=step_mask.to(device),
-            position_ids=step_positions.to(device),
-            cache=cache,
-            use_cache=True,
-        ).logits[:, -1]
-        beams = [(user, child, total, length) for user, child, total, length, _, _ in live]
-    return [sorted(f.items(), key=lambda kv: (-kv[1], kv[0])) for f in finished]
+    picked = logits[index].float()
+    return (picked - torch.logsumexp(logits.float(), dim=-1)[index[0]]).tolist()
 
 
 class Generator:
@@ -158,10 +229,34 @@ class Generator:
     generations were exact catalogue texts in the last call).
     """
 
-    def __init__(self, llm, prompter, settings, retriever):
+    def __init__(self, llm, prompter, settings, retriever, shared_prefix=None):
         self.llm, self.prompts, self.settings, self.retriever = llm, prompter, settings, retriever
-        self._trie: ItemTrie | None = None
+        self.shared_prefix = shared_prefix  # () -> SharedPrefix of the prompts' common head (the scorer's)
+        self.searched_users = 0  # users sent through beam search (cache misses), for reports and tests
+        self.counts: dict = {}  # tokens computed by the searches: prompt_tokens, beam_tokens, steps
         self.stats = {"generations": 0, "exact": 0}
+        self._trie: ItemTrie | None = None
+        self._cache: dict | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def cached(self) -> Iterator[None]:
+        """Within this block each (history, request, seen items)'s generation runs once (the
+        fusion grid evaluates the same users eleven times); nothing is kept after it."""
+        if self._depth == 0:
+            self._cache = {}
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._cache = None
+
+    def weights_changed(self) -> None:
+        """The LLM's weights changed: generations computed before are void."""
+        if self._cache is not None:
+            self._cache.clear()
 
     def trie(self) -> ItemTrie:
         """Prefix tree of every item's tokens (the same tokens the likelihood scorer uses)."""
@@ -171,34 +266,46 @@ class Generator:
         return self._trie
 
     def items(
-        self, histories: list[list[int]], requests: list[str | None] | None = None
+        self,
+        histories: list[list[int]],
+        requests: list[str | None] | None = None,
+        seen: list[list[int]] | None = None,
     ) -> list[list[tuple[int, float]]]:
         """Catalogue items reached by constrained beam search, best first, per user: (item id, score);
-        ``generation_users_per_batch`` users per forward pass. History items are left out."""
-        s = self.settings
+        ``generation_users_per_batch`` users per forward pass. ``seen[u]`` (default: the history) is
+        never generated: no beam is spent on it."""
         requests = requests or [None] * len(histories)
+        seen = seen if seen is not None else histories
+        if self._cache is None:
+            return self._search(histories, requests, seen)
+        keys = [(tuple(h), r, tuple(sorted(set(x)))) for h, r, x in zip(histories, requests, seen)]
+        todo = [i for i, key in enumerate(keys) if key not in self._cache]
+        if todo:
+            fresh = self._search([histories[i] for i in todo], [requests[i] for i in todo], [seen[i] for i in todo])
+            self._cache.update({keys[i]: pairs for i, pairs in zip(todo, fresh)})
+        return [self._cache[key] for key in keys]
+
+    def _search(self, histories, requests, seen) -> list[list[tuple[int, float]]]:
+        s = self.settings
+        self.searched_users += len(histories)
         longest = self.prompts.longest_item
         prompts = [self.prompts.build(h, reserve_tokens=longest, request=r) for h, r in zip(histories, requests)]
+        shared = self.shared_prefix() if self.shared_prefix is not None else None
         found = []
         for start in range(0, len(prompts), s.generation_users_per_batch):
+            end = start + s.generation_users_per_batch
             found.extend(
                 batched_constrained_beam_search(
-                    self.llm,
-                    prompts[start : start + s.generation_users_per_batch],
-                    self.trie(),
-                    s.num_beams,
-                    self.prompts.tokenizer.pad_token_id,
+                    self.llm, prompts[start:end], self.trie(), s.num_beams, self.prompts.tokenizer.pad_token_id,
+                    seen=seen[start:end], shared=shared, counts=self.counts,
                 )
-            )
-        results = []
-        for history, pairs in zip(histories, found):
-            seen = {i for i in history if i}
-            pairs = [(item, score) for item, score in pairs if item not in seen]
-            if s.popularity_prior:
-                prior = s.popularity_prior * torch.log1p(self.retriever.item_counts.float())
-                pairs = sorted(((i, v + float(prior[i])) for i, v in pairs), key=lambda kv: (-kv[1], kv[0]))
-            results.append(pairs)
-        return results
+            )  # fmt: skip
+        if s.popularity_prior:
+            prior = s.popularity_prior * torch.log1p(self.retriever.item_counts.float())
+            found = [
+                sorted(((i, v + float(prior[i])) for i, v in pairs), key=lambda kv: (-kv[1], kv[0])) for pairs in found
+            ]
+        return found
 
     @torch.no_grad()
     def free_text(self, history: list[int]) -> list[str]:

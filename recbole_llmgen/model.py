@@ -63,7 +63,7 @@ class LLMGen(SequentialRecommender):
         self.prompts = Prompter(s, self.tokenizer, self.item_texts, context)
         self.retriever = Retriever(s, config, dataset, self.item_texts, self.device)
         self.scorer = Scorer(llm, self.prompts, s, self.retriever.item_counts)
-        self.generator = Generator(llm, self.prompts, s, self.retriever)
+        self.generator = Generator(llm, self.prompts, s, self.retriever, self.scorer.shared_prefix)
 
         # saved with the checkpoint besides the trainable weights (RecBole's other_parameter)
         self.other_parameter_name = ["candidate_model_file", "fusion_weight"]
@@ -103,14 +103,16 @@ class LLMGen(SequentialRecommender):
         finetune.check_checkpoint(state_dict.get("_extra_state"), self.identity())
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.scorer.weights_changed()
+        self.generator.weights_changed()
         return result
 
     def train(self, mode: bool = True):
         """Also switches the LLM (outside the module tree) between train and eval mode."""
         super().train(mode)
         self.llm.train(mode and self.train_mode != "none")
-        if mode:
-            self.scorer.weights_changed()  # the weights will change
+        if mode:  # the weights will change
+            self.scorer.weights_changed()
+            self.generator.weights_changed()
         return self
 
     def _apply(self, fn, recurse=True):
@@ -125,6 +127,13 @@ class LLMGen(SequentialRecommender):
                 "the LLM's dtype with llm_dtype"
             )
         return super()._apply(fn, recurse)
+
+    @contextlib.contextmanager
+    def cached(self):
+        """Within this block the LLM scores (and generates for) each user once: the fusion grid and
+        a fused row's LLM-only twin evaluate the same users again. Nothing is kept after it."""
+        with self.scorer.cached(), self.generator.cached():
+            yield
 
     @contextlib.contextmanager
     def training_precision(self):
@@ -237,10 +246,12 @@ class LLMGen(SequentialRecommender):
         return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
 
     def _generated_full_sort(self, view, retrieval: torch.Tensor) -> torch.Tensor:
-        """Items the beams reached, by score, above all others (kept in retriever order). [B, n_items]"""
+        """Items the beams reached, by score (fused with the candidate model's score of each when
+        ``score_fusion`` is on), above all others, kept in retriever order (``candidate_source:
+        none``: training popularity). [B, n_items]"""
         if self.settings.generation_constraint == "none":
             return cand.mask_seen(self.generator.grounded(view.histories), view.seen).to(self.device)
-        found = self.generator.items(view.histories)
+        found = self.generator.items(view.histories, seen=view.seen)
         width = max(1, max(len(f) for f in found))
         candidate_ids = torch.zeros(len(found), width, dtype=torch.long)  # [B, W]
         llm_scores = torch.full((len(found), width), -math.inf)  # [B, W]
@@ -248,6 +259,10 @@ class LLMGen(SequentialRecommender):
             if pairs:
                 candidate_ids[b, : len(pairs)] = torch.tensor([i for i, _ in pairs])
                 llm_scores[b, : len(pairs)] = torch.tensor([v for _, v in pairs])
+        weight = self.active_fusion_weight()
+        if weight is not None:  # BIGRec / D3 style: the candidate model's score of each generated item
+            side = self.retriever.candidate_side(retrieval.gather(1, candidate_ids))
+            llm_scores = cand.fuse(llm_scores, side, weight)
         return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
 
     def active_fusion_weight(self) -> float | None:

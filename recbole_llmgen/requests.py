@@ -104,8 +104,10 @@ def score_requests(
     steering = any(steers) or any(avoids)
     described = model.retriever.description_embeddings() if asked_texts or steering else None
     k = model.settings.num_candidates
-    # score_method generate: the items constrained beam search reaches (with the request) join the pool
-    generated = model.generator.items(histories, requests) if model.settings.score_method == "generate" else None
+    generated = None
+    if model.settings.score_method == "generate":  # the items beam search reaches (with the request) join the pool
+        seen = [[*model.retriever.seen(u, h), *x] for u, h, x in zip(users, histories, excludes)]
+        generated = model.generator.items(histories, requests, seen)
     pools, bases, asks = [], [], []
     for b, (history, request, user, exclude, steer, avoid) in enumerate(
         zip(histories, requests, users, excludes, steers, avoids)

@@ -68,7 +68,7 @@ class Retriever:
         sampled protocol may list seen items among its negatives). [B, n_items]"""
         view = view or self.view(interaction)
         s = self.settings
-        if s.candidate_source == "pop":
+        if s.candidate_source in ("pop", "none"):  # none: below the generated items, training popularity
             scores = cand.popularity_scores(self.item_counts, len(view.histories))
         elif s.candidate_kind != "builtin":
             scores = two_stage.candidate_scores(self.candidate_model(), interaction, self.device)

@@ -108,7 +108,7 @@ def prefix_tree_row(prompt: list[int], offset: int, continuations: Sequence[Sequ
     return row
 
 
-def _pass_tensors(rows: Sequence[PackedRow], shared_length: int, pad_id: int, dtype: torch.dtype):
+def pass_tensors(rows: Sequence[PackedRow], shared_length: int, pad_id: int, dtype: torch.dtype):
     """Inputs of one forward pass over ``rows`` (right-padded to the longest).
 
     Returns ``input_ids`` [B, T], ``position_ids`` [B, T], an additive attention mask
@@ -236,7 +236,7 @@ def _score_pass(model, rows: Sequence[PackedRow], shared: SharedPrefix | None, p
     """One forward pass; writes each continuation's token log-probs [L] into ``out[user][i]``."""
     device = model.device
     s = len(shared.ids) if shared is not None else 0
-    ids, positions, mask, keep = _pass_tensors(rows, s, pad_id, model.dtype)
+    ids, positions, mask, keep = pass_tensors(rows, s, pad_id, model.dtype)
     cache = shared.batch_cache(len(rows)) if shared is not None else None
     logits = model(
         input_ids=ids.to(device),

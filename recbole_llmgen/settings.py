@@ -18,7 +18,7 @@ SCORE_METHODS = ("likelihood", "verbalizer", "generate")
 TRAIN_MODES = ("none", "lora", "full")
 TRAIN_OBJECTIVES = ("next_item", "sequence")
 GENERATION_CONSTRAINTS = ("trie", "none")
-BUILT_IN_SOURCES = ("pop", "text")  # besides a RecBole model file or model name
+BUILT_IN_SOURCES = ("pop", "text", "none")  # besides a RecBole model file or model name
 FUSION_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
 
@@ -29,7 +29,9 @@ def is_model_file(source: str) -> bool:
 def validate_source(source: str) -> str:
     """'builtin', 'file' or 'model' for a ``candidate_source`` value; a named error otherwise."""
     if not isinstance(source, str) or not source:
-        raise ValueError(f"candidate_source: expected pop, text, a RecBole model file or model name, got {source!r}")
+        raise ValueError(
+            f"candidate_source: expected pop, text, none, a RecBole model file or model name, got {source!r}"
+        )
     if source in BUILT_IN_SOURCES:
         return "builtin"
     if is_model_file(source):
@@ -39,7 +41,7 @@ def validate_source(source: str) -> str:
     names = known_model_names()
     if source not in names:
         raise ValueError(
-            f"candidate_source: {source!r} is not allowed; choose pop, text, a saved RecBole model file "
+            f"candidate_source: {source!r} is not allowed; choose pop, text, none, a saved RecBole model file "
             f"(.pth) or a RecBole model name such as SASRec, BPR, GRU4Rec (known: {len(names)} models)"
         )
     if source == "LLMGen":
@@ -161,7 +163,20 @@ class LLMGenSettings:
                 "scored text must continue that list: set prompt_format: list (or llm_train_objective: next_item)"
             )
         stride = optional_positive_int(config, "llm_train_window_stride", "max_history_items")
-        score_fusion, fusion_weight = fusion_setting(config["score_fusion"], score_method)
+        candidate_source = config["candidate_source"]
+        if candidate_source == "none" and score_method != "generate":
+            raise ValueError(
+                f"candidate_source: none (no candidate model) needs score_method: generate, which writes items from "
+                f"the whole catalogue; score_method: {score_method} scores a candidate list: choose pop, text, a "
+                "RecBole model file or model name"
+            )
+        score_fusion, fusion_weight = fusion_setting(config["score_fusion"], candidate_source)
+        constraint = choice(config, "generation_constraint", GENERATION_CONSTRAINTS)
+        if score_fusion != "none" and score_method == "generate" and constraint == "none":
+            raise ValueError(
+                "score_fusion: free generation (generation_constraint: none) scores every item by its similarity to "
+                "a generation, with no beam score to fuse; use generation_constraint: trie or score_fusion: none"
+            )
         return cls(
             llm_path=config["llm_path"],
             llm_dtype=config["llm_dtype"],
@@ -180,8 +195,8 @@ class LLMGenSettings:
             request_template=request_template,
             request_weight=request_weight,
             request_focus=float(focus),
-            candidate_source=config["candidate_source"],
-            candidate_kind=validate_source(config["candidate_source"]),
+            candidate_source=candidate_source,
+            candidate_kind=validate_source(candidate_source),
             num_candidates=num_candidates,
             text_encoder_path=config["text_encoder_path"],
             score_method=score_method,
@@ -191,7 +206,7 @@ class LLMGenSettings:
             fusion_weight=fusion_weight,
             llm_score_batch_tokens=positive_int(config, "llm_score_batch_tokens"),
             num_beams=positive_int(config, "num_beams"),
-            generation_constraint=choice(config, "generation_constraint", GENERATION_CONSTRAINTS),
+            generation_constraint=constraint,
             generation_users_per_batch=positive_int(config, "generation_users_per_batch"),
             train_mode=train_mode,
             lora=lora_settings(config) if train_mode == "lora" else None,
@@ -204,15 +219,14 @@ class LLMGenSettings:
         )
 
 
-def fusion_setting(value, score_method: str) -> tuple[str, float | None]:
+def fusion_setting(value, candidate_source: str) -> tuple[str, float | None]:
     """``score_fusion``: ("none", None), ("auto", None until validation chooses) or ("weight", w)."""
     if value in (None, "none"):
         return "none", None
-    if score_method == "generate":
+    if candidate_source == "none":
         raise ValueError(
-            f"score_fusion: {value!r} fuses the LLM's scores of the candidate list with the candidate model's, "
-            "but score_method: generate ranks the whole catalogue without a candidate list: nothing to fuse; "
-            "use score_method likelihood | verbalizer, or score_fusion: none"
+            f"score_fusion: {value!r} fuses the LLM's scores with the candidate model's, but candidate_source: none "
+            "has no candidate model; name one (pop, text, a RecBole model file or name) or set score_fusion: none"
         )
     if value == "auto":
         return "auto", None

@@ -149,7 +149,7 @@ class LLMGenTrainer(Trainer):
         then validate with it. The weight is saved with the checkpoint; the test split never sees the grid."""
         if self.model.settings.score_fusion != "auto":
             return super()._valid_epoch(valid_data, show_progress=show_progress)
-        with self.model.scorer.cached():  # the grid and the validation score each user once
+        with self.model.cached():  # the grid and the validation score each user once
             self.choose_fusion_weight(valid_data)
             return super()._valid_epoch(valid_data, show_progress=show_progress)
 

@@ -260,3 +260,40 @@ def test_regime_data_raises_what_is_not_a_missing_regime(toy_config_dict, tmp_pa
 
     monkeypatch.setattr(benchmark, "prepare_regime", unavailable)
     assert benchmark.regime_data(Regime(), "toy", overrides, None, str(tmp_path / "out")) == (None, None)
+
+
+def test_every_llmgen_label_says_how_the_row_ranked():
+    row = {"model": "LLMGen", "trainable_parameters": 0, "num_candidates": 20}
+    bpr = "/out/saved/BPR-Dec-02-2026_07-00-00.pth"
+    assert "generates from the catalogue, no candidate model" in benchmark.row_label(
+        {**row, "score_method": "generate", "candidate_source": "none"}
+    )
+    assert "generates, fused with BPR's score of each item" in benchmark.row_label(
+        {**row, "score_method": "generate", "candidate_source": bpr, "variant": "fused", "fusion_weight": 0.3}
+    )
+    assert "generates from the catalogue, BPR below the generated items" in benchmark.row_label(
+        {**row, "score_method": "generate", "candidate_source": bpr}
+    )
+    label = benchmark.row_label({**row, "score_method": "likelihood", "candidate_source": bpr})
+    assert "reranks BPR's top 20" in label and "generates" not in label
+    assert "reranks the text retriever's top 20" in benchmark.row_label(
+        {**row, "score_method": "likelihood", "candidate_source": "text"}
+    )
+
+
+def test_a_candidate_source_in_a_config_file_is_kept(toy_config_dict, tmp_path):
+    """The benchmark hands LLMGen the best classic model's file unless the user named a candidate
+    source, on the command line or in a config file (``candidate_source: none`` included)."""
+    path = tmp_path / "generate.yaml"
+    path.write_text("LLMGen:\n  candidate_source: none\n  score_method: generate\n", encoding="utf-8")
+    specs = {}
+
+    def runner(spec, log_path):
+        specs[spec["model"]] = spec
+        return {"model": spec["model"], "status": "ok", "model_file": f"/saved/{spec['model']}-x.pth",
+                "best_valid_score": 0.1, "valid_ndcg@10": 0.1, "test_ndcg@10": 0.1}  # fmt: skip
+
+    for files, expected in (([str(path)], None), (None, "/saved/Pop-x.pth")):
+        benchmark.run_benchmark("toy", ["Pop", "LLMGen"], "full", files, bench_overrides(toy_config_dict),
+                                str(tmp_path / f"out-{bool(files)}"), log=lambda m: None, runner=runner)  # fmt: skip
+        assert specs["LLMGen"]["config"].get("candidate_source") == expected

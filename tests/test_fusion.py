@@ -131,9 +131,15 @@ def test_auto_without_validation_is_named(toy_config_dict):
         ({"score_fusion": "half"}, r"score_fusion: 'half' is not allowed"),
         ({"score_fusion": -0.1}, r"score_fusion: -0.1 is not allowed"),
         (
-            {"score_fusion": 0.5, "score_method": "generate"},
-            "score_method: generate ranks the whole catalogue .* nothing to fuse",
+            {"score_fusion": 0.5, "score_method": "generate", "candidate_source": "none"},
+            "score_fusion: 0.5 fuses .* candidate_source: none has no candidate model",
         ),
+        (
+            {"candidate_source": "none"},
+            "candidate_source: none .* needs score_method: generate.* likelihood scores a candidate list",
+        ),
+        ({"candidate_source": "none", "score_method": "verbalizer"}, "candidate_source: none .* verbalizer"),
+        ({"score_method": "generate", "num_beams": 0}, r"num_beams: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_fusion_settings_are_named(toy_config_dict, extra, message):

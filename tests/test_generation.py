@@ -190,3 +190,87 @@ def test_batched_users_equal_one_user_at_a_time(tiny_llm, texts, num_beams):
         reference = scoring.naive_scores(model, prompt, [texts[i - 1] for i, _ in got])
         for (item, score), expected in zip(got, reference.tolist()):
             assert math.isclose(score, expected, abs_tol=1e-4), item
+
+
+@SLOW
+@given(CATALOGUE, st.integers(min_value=1, max_value=4), st.data())
+def test_no_beam_is_spent_on_a_seen_item(tiny_llm, texts, num_beams, data):
+    model, tokenizer = tiny_llm
+    prompt = _prompt(tokenizer)
+    items = list(range(1, len(texts) + 1))
+    seen = set(data.draw(st.lists(st.sampled_from(items), max_size=len(items))))
+    trie = ItemTrie(texts, items)
+    found = constrained_beam_search(model, prompt, trie, num_beams, seen=seen)
+    assert not {i for i, _ in found} & seen  # 0 seen items
+    expected = scoring.shared_prefix_scores(model, prompt, texts)
+    for item, score in found:
+        assert math.isclose(score, expected[item - 1].item(), abs_tol=1e-4)
+    unseen = [i for i in items if i not in seen]
+    wide = constrained_beam_search(model, prompt, trie, num_beams=len(items), seen=seen)
+    assert sorted(i for i, _ in wide) == unseen  # every unseen item, none seen: the exact ranking of the rest
+    if unseen:
+        # a seen node is never entered: the beams' budget goes to unseen items only
+        assert len(found) >= min(num_beams, len({tuple(texts[i - 1]) for i in unseen})) or len(found) >= 1
+
+
+def test_generation_never_recommends_a_training_item_beyond_the_sequence_window(toy_config_dict):
+    config = dict(toy_config_dict, score_method="generate", num_beams=4, MAX_ITEM_LIST_LENGTH=3)
+    _, model, _, _, test_data = build(config)
+    model.eval()
+    batch = next(iter(test_data))[0]
+    view = model.retriever.view(batch)
+    assert any(len(set(seen)) > len(history) for seen, history in zip(view.seen, view.histories))
+    found = model.generator.items(view.histories, seen=view.seen)
+    for pairs, seen in zip(found, view.seen):
+        assert pairs and not {i for i, _ in pairs} & set(seen)  # 0 seen, 0 invalid
+        assert all(0 < i < model.n_items for i, _ in pairs)
+    scores = model.full_sort_predict(batch)
+    for row, seen in enumerate(view.seen):
+        assert all(scores[row, i] == -math.inf for i in seen)
+        top = torch.topk(scores[row], len(found[row])).indices.tolist()
+        assert set(top) == {i for i, _ in found[row]}  # the generated items lead the ranking
+
+
+def test_candidate_source_none_ranks_the_catalogue_from_the_llm_alone(toy_config_dict):
+    _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", candidate_source="none",
+                                           num_beams=3))  # fmt: skip
+    model.eval()
+    batch = next(iter(test_data))[0]
+    view = model.retriever.view(batch)
+    scores = model.full_sort_predict(batch).cpu()
+    counts = model.retriever.item_counts
+    for row, (seen, pairs) in enumerate(zip(view.seen, model.generator.items(view.histories, seen=view.seen))):
+        generated = [i for i, _ in pairs]
+        rest = [i for i in range(1, model.n_items) if i not in seen and i not in generated]
+        ranked = sorted(range(1, model.n_items), key=lambda i: -scores[row, i].item())
+        assert ranked[: len(generated)] == generated  # the LLM's items in beam-score order
+        below = [i for i in ranked if i in rest]
+        assert below == sorted(rest, key=lambda i: (-int(counts[i]), i))  # then training popularity, stated
+        assert all(scores[row, i] == -math.inf for i in seen)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_generated_items_fuse_with_the_candidate_models_score(toy_config_dict, weight):
+    _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", num_beams=4, score_fusion=weight))
+    model.eval()
+    batch = next(iter(test_data))[0]
+    view = model.retriever.view(batch)
+    scores = model.full_sort_predict(batch).cpu()
+    counts = model.retriever.item_counts
+    for row, pairs in enumerate(model.generator.items(view.histories, seen=view.seen)):
+        generated = {i for i, _ in pairs}
+        order = [i for i in sorted(range(1, model.n_items), key=lambda i: -scores[row, i].item()) if i in generated]
+        if weight == 0.0:  # the candidate model's (popularity's) order of the generated items
+            assert [int(counts[i]) for i in order] == sorted((int(counts[i]) for i in order), reverse=True)
+        else:  # the beams' order
+            assert order == [i for i, _ in pairs]
+
+
+def test_the_fusion_grid_generates_for_each_valid_user_once(toy_config_dict):
+    from recbole_llmgen.trainer import LLMGenTrainer
+
+    config, model, train_data, valid_data, _ = build(dict(toy_config_dict, score_method="generate", num_beams=3,
+                                                          score_fusion="auto"))  # fmt: skip
+    users = sum(len(batch[0]) for batch in valid_data)
+    LLMGenTrainer(config, model).fit(train_data, valid_data, saved=False)
+    assert model.generator.searched_users == users and model.fusion_weight is not None

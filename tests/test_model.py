@@ -142,7 +142,7 @@ def test_popularity_prior_adds_log_count(toy_config_dict):
         (
             "candidate_source",
             "random",
-            r"candidate_source: .random. is not allowed; choose pop, text, a saved RecBole model file",
+            r"candidate_source: .random. is not allowed; choose pop, text, none, a saved RecBole model file",
         ),
         ("train_mode", "qlora", r"train_mode: 'qlora' is not allowed; choose one of none"),
         ("num_candidates", 0, r"num_candidates: expected an integer >= 1, got 0"),
