@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from collections.abc import Callable
@@ -90,7 +91,8 @@ def model_config(
 
 def run_hash(spec: dict) -> str:
     """Everything that defines a run: model, dataset, config dict, config files' text, candidates."""
-    files = [file_settings(path, spec["model"]) for path in spec.get("config_files") or []]
+    # a file that sets nothing for this model (a section for another one) is no part of its run
+    files = [s for s in (file_settings(path, spec["model"]) for path in spec.get("config_files") or []) if s]
     candidate = spec["config"].get("candidate_source")
     stamp = None
     if isinstance(candidate, str) and os.path.isfile(candidate):
@@ -703,9 +705,9 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [row_label(r) for r in rows]
+    labels = [textwrap.fill(row_label(r), 18) for r in rows]  # long labels on several lines, not across the plot
     ok = [r.get("status") == "ok" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
     positions = range(len(rows))
     width = 0.4
     for shift, metric in ((-width / 2, "test_ndcg@10"), (width / 2, "test_hit@10")):
@@ -731,7 +733,7 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     for ax in axes:
         ax.set_xticks(list(positions))
         ax.set_xticklabels(
-            [lab if good else f"{lab}\n(failed)" for lab, good in zip(labels, ok)], rotation=20, fontsize=8
+            [lab if good else f"{lab}\n(failed)" for lab, good in zip(labels, ok)], rotation=0, fontsize=7
         )
     fig.suptitle(f"recbole-llmgen benchmark: {meta['dataset']}")
     fig.tight_layout()

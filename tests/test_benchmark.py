@@ -211,6 +211,10 @@ def test_a_models_hash_ignores_other_models_sections(tmp_path):
     assert third["BPR"] != second["BPR"] and third["LLMGen"] != second["LLMGen"]
     assert benchmark.file_keys([str(path)], "BPR") == {"topk"}
     assert benchmark.file_keys([str(path)], "LLMGen") == {"topk", "epochs"}
+    # a file that sets nothing for BPR (only LLMGen's section) leaves BPR's run as without it: reused
+    only_llmgen = hashes("LLMGen:\n  epochs: 2\n")
+    alone = benchmark.run_hash({"model": "BPR", "dataset": "toy", "config": {}, "config_files": None})
+    assert only_llmgen["BPR"] == alone and only_llmgen["LLMGen"] != alone
 
 
 def test_filtered_data_gives_an_llmgen_row_over_the_classic_models_candidates(toy_config_dict, tmp_path):
