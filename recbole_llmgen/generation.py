@@ -8,13 +8,12 @@ summed log-probability, as usual; finished items by the length-normalised one).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from recbole_llmgen.scoring import PackedRow, SharedPrefix, pass_tensors
+from recbole_llmgen.scoring import PackedRow, ScopedCache, SharedPrefix, pass_tensors
 
 
 class ItemTrie:
@@ -236,27 +235,16 @@ class Generator:
         self.counts: dict = {}  # tokens computed by the searches: prompt_tokens, beam_tokens, steps
         self.stats = {"generations": 0, "exact": 0}
         self._trie: ItemTrie | None = None
-        self._cache: dict | None = None
-        self._depth = 0
+        self.cache = ScopedCache()
 
-    @contextlib.contextmanager
-    def cached(self) -> Iterator[None]:
+    def cached(self):
         """Within this block each (history, request, seen items)'s generation runs once (the
         fusion grid evaluates the same users eleven times); nothing is kept after it."""
-        if self._depth == 0:
-            self._cache = {}
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._cache = None
+        return self.cache.scope()
 
     def weights_changed(self) -> None:
         """The LLM's weights changed: generations computed before are void."""
-        if self._cache is not None:
-            self._cache.clear()
+        self.cache.clear()
 
     def trie(self) -> ItemTrie:
         """Prefix tree of every item's tokens (the same tokens the likelihood scorer uses)."""
@@ -276,14 +264,17 @@ class Generator:
         never generated: no beam is spent on it."""
         requests = requests or [None] * len(histories)
         seen = seen if seen is not None else histories
-        if self._cache is None:
+        if not self.cache.active:
             return self._search(histories, requests, seen)
         keys = [(tuple(h), r, tuple(sorted(set(x)))) for h, r, x in zip(histories, requests, seen)]
-        todo = [i for i, key in enumerate(keys) if key not in self._cache]
+        found = {i: self.cache.get(key) for i, key in enumerate(keys) if key in self.cache}
+        todo = [i for i in range(len(keys)) if i not in found]
         if todo:
             fresh = self._search([histories[i] for i in todo], [requests[i] for i in todo], [seen[i] for i in todo])
-            self._cache.update({keys[i]: pairs for i, pairs in zip(todo, fresh)})
-        return [self._cache[key] for key in keys]
+            for i, pairs in zip(todo, fresh):
+                found[i] = pairs
+                self.cache.put(keys[i], pairs)
+        return [found[i] for i in range(len(keys))]
 
     def _search(self, histories, requests, seen) -> list[list[tuple[int, float]]]:
         s = self.settings

@@ -15,10 +15,6 @@ one such block, so the LLM scores each user once; outside a block nothing is kep
 
 from __future__ import annotations
 
-import contextlib
-from collections import OrderedDict
-from collections.abc import Iterator
-
 import torch
 
 from recbole_llmgen import scoring
@@ -33,35 +29,23 @@ class Scorer:
 
     def __init__(self, llm, prompter: Prompter, settings: LLMGenSettings, item_counts: torch.Tensor):
         self.llm, self.prompts, self.settings, self.item_counts = llm, prompter, settings, item_counts
-        self.max_entries = MAX_CACHED_USERS
+        self.cache = scoring.ScopedCache(MAX_CACHED_USERS)
         self.scored_users = 0  # users sent through the LLM (cache misses), for reports and tests
         self._shared_prefix: scoring.SharedPrefix | None = None
-        self._cache: OrderedDict | None = None
-        self._depth = 0
 
     # ------------------------------------------------------------------ state
     def weights_changed(self) -> None:
         """The LLM's weights changed (training, a loaded checkpoint): forget what was computed."""
         self._shared_prefix = None
-        if self._cache is not None:
-            self._cache.clear()
+        self.cache.clear()
 
-    @contextlib.contextmanager
-    def cached(self) -> Iterator[None]:
+    def cached(self):
         """Within this block the scores of each (user, history, candidates, request) are computed once."""
-        if self._depth == 0:
-            self._cache = OrderedDict()
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._cache = None
+        return self.cache.scope()
 
     @property
     def cache_size(self) -> int:
-        return 0 if self._cache is None else len(self._cache)
+        return len(self.cache)
 
     def shared_prefix(self) -> scoring.SharedPrefix:
         """KV cache of the prompt tokens common to every user (computed once per weights)."""
@@ -81,10 +65,11 @@ class Scorer:
         ``requests``: each user's own words, or None (see :meth:`Prompter.build`)."""
         user_keys = user_keys if user_keys is not None else [0] * len(histories)
         requests = requests if requests is not None else [None] * len(histories)
-        if self._cache is None or torch.is_grad_enabled():
+        if not self.cache.active or torch.is_grad_enabled():
             return self._score(histories, candidate_lists, user_keys, requests)
         keys = [(int(u), tuple(h), tuple(c), r) for u, h, c, r in zip(user_keys, histories, candidate_lists, requests)]
-        todo = [i for i, key in enumerate(keys) if key not in self._cache]
+        found = {i: self.cache.get(key) for i, key in enumerate(keys) if key in self.cache}  # before any eviction
+        todo = [i for i in range(len(keys)) if i not in found]
         if todo:
             fresh = self._score(
                 [histories[i] for i in todo],
@@ -92,14 +77,10 @@ class Scorer:
                 [user_keys[i] for i in todo],
                 [requests[i] for i in todo],
             )
-            self._cache.update({keys[i]: scores for i, scores in zip(todo, fresh)})
-        results = []
-        for key in keys:
-            self._cache.move_to_end(key)
-            results.append(self._cache[key])
-        while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
-        return results
+            for i, scores in zip(todo, fresh):
+                found[i] = scores
+                self.cache.put(keys[i], scores)
+        return [found[i] for i in range(len(keys))]
 
     def _score(self, histories, candidate_lists, user_keys, requests) -> list[torch.Tensor]:
         self.scored_users += len(histories)

@@ -13,8 +13,10 @@ scratch for each candidate: the reference the fast path must match (1e-4 in fp32
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,52 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per scoring pass (see properties/LLMGen.yaml)
+
+
+class ScopedCache:
+    """Results kept only inside ``with cache.scope():`` (nested blocks share one store, emptied
+    when the outermost ends), at most ``max_entries`` of them, least recently used out first.
+    Outside a block nothing is kept: a long-lived process does not grow."""
+
+    def __init__(self, max_entries: int | None = None):
+        self.max_entries = max_entries
+        self._store: OrderedDict | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        if self._depth == 0:
+            self._store = OrderedDict()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._store = None
+
+    @property
+    def active(self) -> bool:
+        return self._store is not None
+
+    def __len__(self) -> int:
+        return 0 if self._store is None else len(self._store)
+
+    def __contains__(self, key) -> bool:
+        return self._store is not None and key in self._store
+
+    def get(self, key):
+        self._store.move_to_end(key)
+        return self._store[key]
+
+    def put(self, key, value) -> None:
+        self._store[key] = value
+        while self.max_entries is not None and len(self._store) > self.max_entries:
+            self._store.popitem(last=False)
+
+    def clear(self) -> None:
+        if self._store is not None:
+            self._store.clear()
 
 
 @torch.no_grad()

@@ -167,13 +167,16 @@ def test_the_fusion_grid_scores_each_valid_user_once_and_keeps_nothing_after(toy
 def test_the_score_cache_is_bounded_and_cleared_when_weights_change(toy_config_dict):
     _, model, *_ = build(toy_config_dict)
     model.eval()
-    model.scorer.max_entries = 3
+    model.scorer.cache.max_entries = 3
     histories = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
     with torch.no_grad(), model.scorer.cached():
         first = model.scorer.score(histories, [[11, 12]] * 5, [0, 1, 2, 3, 4])
         assert model.scorer.cache_size == 3  # the least recently used went first
         again = model.scorer.score(histories[-3:], [[11, 12]] * 3, [2, 3, 4])
         assert model.scorer.scored_users == 5 and all(a.equal(b) for a, b in zip(first[-3:], again))
+        mixed = model.scorer.score(histories[-3:] + [[1, 3], [2, 4]], [[11, 12]] * 5, [2, 3, 4, 5, 6])
+        assert model.scorer.scored_users == 7 and all(a.equal(b) for a, b in zip(first[-3:], mixed[:3]))
+        assert model.scorer.cache_size == 3  # the 3 hits were read before the 2 new ones evicted them
         model.train()  # training will change the weights: the cache starts again
         assert model.scorer.cache_size == 0
     assert model.scorer.cache_size == 0
