@@ -1,6 +1,6 @@
 """Direct generation from the whole catalogue: speed, validity and what bounds its quality.
 
-    python benchmarks/bench_generate.py [--users N] [--previous-users M] [--key=value ...]
+    python benchmarks/bench_generate.py [--users N] [--previous-users M] [--model-file saved/LLMGen-....pth] [--key=value ...]
 
 LLMGen with ``score_method: generate``, ``candidate_source: none`` (no classic model: the generated
 items, then every other unseen item by training popularity), 20 beams and 20 history titles in
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=0, help="a seeded sample of N test users (0 = all)")
     parser.add_argument("--previous-users", type=int, default=24, help="users for the speed-up against the old search")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--model-file", default=None, help="a fine-tuned LLMGen checkpoint (its own settings)")
     args, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1]
 
@@ -52,9 +53,14 @@ def main() -> None:
         "item_text_template": "{movie_title}",
         **parse_overrides(rest),
     }
-    ((_, config, train_data, test_data),) = method_runs("generate", args.dataset, overrides, "bench_generate-")
+    if args.model_file:  # the checkpoint's config and trained weights (its split, its settings)
+        from recbole.quick_start import load_data_and_model
+
+        config, model, _, train_data, _, test_data = load_data_and_model(args.model_file)
+    else:
+        ((_, config, train_data, test_data),) = method_runs("generate", args.dataset, overrides, "bench_generate-")
+        model = recbole_llmgen.LLMGen(config, train_data._dataset)
     test_data = sample_users(test_data, args.users, args.seed)
-    model = recbole_llmgen.LLMGen(config, train_data._dataset)
     checked = {"generated": 0, "invalid": 0, "seen": 0, "users": 0, "recalled": 0}
     full_sort, items = model.full_sort_predict, model.generator.items
     targets: list[list[int]] = []
@@ -109,6 +115,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "model_file": args.model_file,
                 "users": users,
                 "eval_seconds": seconds,
                 "users_per_s": round(users / seconds, 3),
