@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recbole_llmgen.compat import replace, trusted_torch_load
+from recbole_llmgen.compat import replace
+from recbole_llmgen.integration import load_checkpoint
 
 _installed = False
 _ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")
@@ -184,8 +185,7 @@ def load_checkpoint_everywhere(path: str, device) -> dict:
     def read():
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist on rank 0")
-        with trusted_torch_load(path):
-            checkpoint = torch.load(path, map_location="cpu")
+        checkpoint = load_checkpoint(path)  # this run's own checkpoint
         checkpoint.pop("optimizer", None)
         return checkpoint
 

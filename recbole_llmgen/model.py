@@ -41,7 +41,6 @@ class LLMGen(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.settings = s = LLMGenSettings.from_config(config, self.n_items)
-        self.train_mode = s.train_mode
 
         # the LLM, frozen and outside the module tree; only its trainable tensors are registered
         llm, self.tokenizer = load_llm(
@@ -109,7 +108,7 @@ class LLMGen(SequentialRecommender):
     def train(self, mode: bool = True):
         """Also switches the LLM (outside the module tree) between train and eval mode."""
         super().train(mode)
-        self.llm.train(mode and self.train_mode != "none")
+        self.llm.train(mode and self.settings.train_mode != "none")
         if mode:  # the weights will change
             self.scorer.weights_changed()
             self.generator.weights_changed()
@@ -158,7 +157,7 @@ class LLMGen(SequentialRecommender):
 
     def calculate_loss(self, interaction) -> torch.Tensor:
         """Mean training loss of the batch: list windows (``sequence``) or (history, target) rows."""
-        if self.train_mode == "none":
+        if self.settings.train_mode == "none":
             raise RuntimeError(
                 "train_mode: none is zero-shot: LLMGen has nothing to train. LLMGenTrainer skips "
                 "training; use it (RecBole picks it by name) instead of a plain Trainer, or set "

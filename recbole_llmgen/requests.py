@@ -104,19 +104,19 @@ def score_requests(
     steering = any(steers) or any(avoids)
     described = model.retriever.description_embeddings() if asked_texts or steering else None
     k = model.settings.num_candidates
+    # seen, excluded (disliked, shown) items: never candidates, never generated
+    blocked_sets = [{*model.retriever.seen(u, h), *x} for u, h, x in zip(users, histories, excludes)]
     generated = None
     if model.settings.score_method == "generate":  # the items beam search reaches (with the request) join the pool
-        seen = [[*model.retriever.seen(u, h), *x] for u, h, x in zip(users, histories, excludes)]
-        generated = model.generator.items(histories, requests, seen)
+        generated = model.generator.items(histories, requests, [sorted(b) for b in blocked_sets])
     pools, bases, asks = [], [], []
-    for b, (history, request, user, exclude, steer, avoid) in enumerate(
-        zip(histories, requests, users, excludes, steers, avoids)
+    for b, (history, request, user, blocked, steer, avoid) in enumerate(
+        zip(histories, requests, users, blocked_sets, steers, avoids)
     ):
-        blocked = {*model.retriever.seen(user, history), *exclude}
         base = _z_catalogue(model.retriever.candidate_side(base_retrieval(model, history, user)), blocked)
         pool = top_items(base, k, blocked)
         if generated is not None:
-            pool += [i for i, _ in generated[b] if i not in blocked][:k]
+            pool += [i for i, _ in generated[b]][:k]  # none of them blocked: the search skips them
         similarities = []
         if request is not None:
             similarities.append(described @ queries[request])

@@ -55,7 +55,7 @@ class LLMGenTrainer(Trainer):
 
     @property
     def zero_shot(self) -> bool:
-        return getattr(self.model, "train_mode", "none") == "none"
+        return self.model.settings.train_mode == "none"
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         settings = self.model.settings
@@ -78,7 +78,7 @@ class LLMGenTrainer(Trainer):
                 what = f"{len(train_data._dataset)} training examples"
             if verbose:
                 self.logger.info(
-                    set_color(f"train_mode: {self.model.train_mode}", "green")
+                    set_color(f"train_mode: {settings.train_mode}", "green")
                     + f", llm_train_objective: {settings.train_objective}: {what} per epoch, "
                     + f"{sum(p.numel() for p in self._trainable_parameters())} trainable parameters"
                 )
