@@ -1,12 +1,20 @@
-"""LoRA training throughput of LLMGen: the two training objectives, and fp32 against ``llm_dtype: auto``.
+"""LoRA training throughput of LLMGen against this CPU's own matmul peak, and the evaluation
+speed of a LoRA model merged and unmerged, in one run.
 
-Objectives (always; ``prompt_format: list``, the same model, dtype and ``max_history_items`` for
-both): ``next_item`` trains one (history, next item) prompt per example, ``sequence`` a window of
-``max_history_items + 1`` training items per row with the loss on every item after the first.
-Both through LLMGenTrainer's own training epoch; a warm-up step first. Keys
-``per_prompt_predictions_per_s``, ``sequence_predictions_per_s``, ``ratio`` (sequence / per
-prompt), tokens per prediction of each.
-    python benchmarks/bench_train.py [--examples 48] [--windows 16] [--history 20] [--dtypes] [--key=value ...]
+Objectives (always; ``prompt_format: list``, titles only, LoRA r16 as
+``configs/llmgen_ml-100k_finetune.yaml`` trains): ``next_item`` trains one (history, next item)
+prompt per example, ``sequence`` a window of ``max_history_items + 1`` training items per row with
+the loss on every item after the first, timed on a seeded sample of the epoch's own windows (best
+of 3 epochs over them, after a warm-up step), through LLMGenTrainer's own training epoch.
+Keys: ``predictions_per_s`` (= ``sequence_predictions_per_s``), ``achieved_gflops`` (useful FLOPs:
+see ``training_flops``), ``peak_gflops`` (the best bf16/fp32 matmul at the model's linear shapes,
+same run), ``fraction_of_peak``, ``epoch_estimate_s`` (ml-100k's epoch of sequence predictions),
+``per_prompt_predictions_per_s``, ``ratio`` (sequence / per prompt), tokens per prediction;
+``eval_users_per_s_base|unmerged|merged`` (likelihood over 20 candidates on ``--eval-users`` test
+users: the zero-shot model, the LoRA model unmerged, merged as evaluation runs it since issue 25).
+``--levers``: each training lever alone on the same windows (the fused chunked loss, eager
+attention, ``torch.compile`` of the decoder layers with its compile time).
+    python benchmarks/bench_train.py [--examples 16] [--windows 32] [--history 20] [--eval-users 48] [--levers] [--dtypes]
 
 ``--dtypes`` (issue 13's measurement):
 
@@ -30,15 +38,21 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
+from bench_scoring import matmul_peak_gflops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--examples", type=int, default=48, help="timed training examples (after a warm-up step)")
-    parser.add_argument("--windows", type=int, default=16, help="timed training windows (sequence objective)")
+    parser.add_argument("--examples", type=int, default=16, help="timed training examples (after a warm-up step)")
+    parser.add_argument("--windows", type=int, default=32, help="timed training windows (sequence objective)")
     parser.add_argument("--history", type=int, default=20, help="max_history_items of both objectives")
     parser.add_argument("--dtypes", action="store_true", help="also fp32 against auto for both losses (slow)")
+    parser.add_argument(
+        "--levers", action="store_true", help="each training lever alone (fused loss, attention, compile)"
+    )
+    parser.add_argument("--eval-users", type=int, default=48, help="test users per evaluation timing (0: none)")
     args, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1]
 
@@ -127,6 +141,9 @@ def objectives(args, overrides: dict, out: str) -> dict:
         prompt_format="list",
         llm_train_objective="sequence",
         max_history_items=args.history,
+        item_text_template="{movie_title}",  # as configs/llmgen_ml-100k_finetune.yaml trains
+        lora_r=16,
+        lora_alpha=32,
         train_batch_size=8,
         llm_train_batch_size=8,
     )
@@ -152,29 +169,153 @@ def objectives(args, overrides: dict, out: str) -> dict:
     result["per_prompt_predictions_per_s"] = round(args.examples / seconds, 3)
     result["per_prompt_tokens_per_prediction"] = round(prompt_tokens(timed) / args.examples, 1)
 
-    # sequence: full windows of the epoch's first batches
+    # sequence: a seeded sample of the epoch's own windows (its mix of lengths), batched as the epoch batches them
     windows = sequence.window_loader(train_data, model, config["train_batch_size"], int(config["seed"]))
-    full = [w for w in windows.items if len(w) == args.history + 1]
+    rng = np.random.default_rng(0)
+    sample = [windows.items[i] for i in rng.choice(len(windows.items), size=2 * args.windows, replace=False)]
 
-    def window_batches(count, offset=0):
-        chosen = full[offset : offset + count]
+    def window_batches(chosen):
         lengths = [model.prompts.list_length(w) for w in chosen]
         return sequence.WindowLoader(train_data._dataset, chosen, lengths, config["train_batch_size"], 0)
 
-    trainer._train_epoch(window_batches(config["train_batch_size"], offset=len(full) - config["train_batch_size"]), 0)
-    timed = window_batches(args.windows)
-    start = time.perf_counter()
-    trainer._train_epoch(timed, 1)
-    seconds = time.perf_counter() - start
-    predictions = timed.predictions
-    rows, _ = model.prompts.window_rows(timed.items)
-    result["sequence_predictions_per_s"] = round(predictions / seconds, 3)
-    result["sequence_tokens_per_prediction"] = round(sum(len(r) for r in rows) / predictions, 1)
+    warm, timed = (
+        window_batches(sample[args.windows :][: config["train_batch_size"]]),
+        window_batches(sample[: args.windows]),
+    )
+    rows, spans = model.prompts.window_rows(timed.items)
+    predicted_tokens = sum(end - start for row in spans for start, end in row)
+
+    def rate(repeats: int = 3) -> float:
+        """Best predictions/s of ``repeats`` timed epochs over the same windows (after a warm-up step)."""
+        trainer._train_epoch(warm, 0)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            trainer._train_epoch(timed, 1)
+            best = min(best, time.perf_counter() - start)
+        return timed.predictions / best
+
+    predictions_per_s = rate()
+    flops = training_flops(model.llm, rows, predicted_tokens)
+    peak, shapes = matmul_peak_gflops(model.llm, model.llm.dtype, 1024)
+    seconds = timed.predictions / predictions_per_s
+    result["sequence_predictions_per_s"] = result["predictions_per_s"] = round(predictions_per_s, 3)
+    result["sequence_tokens_per_prediction"] = round(sum(len(r) for r in rows) / timed.predictions, 1)
     result["sequence_tokens_per_s"] = round(sum(len(r) for r in rows) / seconds, 1)
+    result["achieved_gflops"] = round(flops / seconds / 1e9, 1)
+    result["peak_gflops"] = round(peak, 1)
+    result["peak_shapes"] = shapes
+    result["fraction_of_peak"] = round(flops / seconds / 1e9 / peak, 3)
     result["epoch_predictions"] = windows.predictions
-    result["epoch_minutes_estimate"] = round(windows.predictions / result["sequence_predictions_per_s"] / 60, 1)
-    result["ratio"] = round(result["sequence_predictions_per_s"] / result["per_prompt_predictions_per_s"], 2)
+    result["epoch_estimate_s"] = round(windows.predictions / predictions_per_s)
+    result["epoch_minutes_estimate"] = round(windows.predictions / predictions_per_s / 60, 1)
+    result["ratio"] = round(predictions_per_s / result["per_prompt_predictions_per_s"], 2)
+    print(
+        f"sequence objective: {predictions_per_s:.1f} predictions/s, {flops / seconds / 1e9:.0f} GFLOP/s of a "
+        f"{peak:.0f} GFLOP/s {result['dtype']} matmul peak ({result['fraction_of_peak']:.0%}); epoch of "
+        f"{windows.predictions} predictions ~{result['epoch_estimate_s']} s",
+        flush=True,
+    )
+    result.update(evaluation_speed(args, model, config, overrides))
+    if args.levers:  # last: it leaves the layers compiled
+        result.update(levers(model, trainer, warm, rate, predictions_per_s))
     return result
+
+
+def training_flops(llm, rows, predicted_tokens: int) -> int:
+    """Useful FLOPs of one LoRA training pass over ``rows``: every frozen linear layer forward and
+    back to its input (4 x weights per token), the adapters (forward, input and weight gradients:
+    6 x their weights per token), the output layer at the predicted tokens (logits and the
+    gradient of the hidden state: 4 x its weights), attention over each row's own keys (QK and PV,
+    forward and backward: 12 x layers x hidden x T^2, the full square the kernels compute)."""
+    config = llm.config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    output = llm.get_output_embeddings()
+    frozen = sum(
+        m.weight.numel()
+        for m in llm.modules()
+        if isinstance(m, torch.nn.Linear) and m is not output and not m.weight.requires_grad
+    )
+    adapters = sum(p.numel() for p in llm.parameters() if p.requires_grad)
+    tokens = sum(len(r) for r in rows)
+    attention = sum(12 * layers * hidden * len(r) ** 2 for r in rows)
+    return 4 * frozen * tokens + 6 * adapters * tokens + 4 * output.weight.numel() * predicted_tokens + attention
+
+
+def levers(model, trainer, warm, rate, fused_eager: float) -> dict:
+    """Each training lever alone on the same windows: the fused loss, eager attention, compiled layers."""
+    from recbole_llmgen import finetune, llm
+
+    found = {"lever_fused_loss_eager_attention": round(fused_eager, 2)}
+    original_layer, original_attention = finetune.fused_output_layer, llm.training_attention
+    finetune.fused_output_layer = lambda _llm: None
+    found["lever_library_loss_eager_attention"] = round(rate(), 2)
+    import contextlib
+
+    from recbole_llmgen import trainer as trainer_module
+
+    trainer_module.training_attention = lambda _llm: contextlib.nullcontext()
+    found["lever_library_loss_sdpa_attention"] = round(rate(), 2)  # the step before issue 25
+    finetune.fused_output_layer = original_layer
+    found["lever_fused_loss_sdpa_attention"] = round(rate(), 2)
+    trainer_module.training_attention = original_attention
+    start = time.perf_counter()
+    for layer in model.llm.get_decoder().layers:
+        layer.compile(dynamic=True)  # window lengths vary: dynamic shapes instead of one graph per length
+    trainer._train_epoch(warm, 0)
+    found["compile_first_step_s"] = round(time.perf_counter() - start, 1)
+    found["lever_compiled_layers"] = round(rate(), 2)
+    print("levers (predictions/s):", found, flush=True)
+    return found
+
+
+def evaluation_speed(args, model, config, overrides) -> dict:
+    """Users/s of evaluating a sample of test users (likelihood over 20 candidates): the base model,
+    the LoRA model with its adapters unmerged, and merged (what evaluation does since issue 25)."""
+    from _harness import prepare, sample_users, timed_evaluate
+
+    from recbole_llmgen.integration import build_model
+    from recbole_llmgen.trainer import LLMGenTrainer
+
+    if not args.eval_users:
+        return {}
+    base_config, base_train, _, test_data = prepare(
+        "LLMGen", "ml-100k", {**model_settings(config), "train_mode": "none", **overrides}
+    )
+    base = build_model(base_config, base_train)
+    test, warm = sample_users(test_data, args.eval_users, 2024), sample_users(test_data, 4, 7)
+    with torch.no_grad():
+        for p in model.llm_trainable.values():  # adapters that move every weight (a trained model's cost)
+            p.add_(0.01 * torch.randn_like(p))
+    found, scores = {}, {}
+    for name, evaluated in (("base", base), ("unmerged", model), ("merged", model)):
+        evaluated.train()
+        adapters = evaluated.adapters
+        if name == "unmerged":
+            evaluated.adapters = None  # evaluation mode without the merge
+        trainer = LLMGenTrainer(config, evaluated)
+        timed_evaluate(trainer, warm, config)  # warm-up
+        metrics, seconds = timed_evaluate(trainer, test, config)
+        evaluated.adapters = adapters
+        found[f"eval_users_per_s_{name}"] = round(args.eval_users / seconds, 3)
+        scores[name] = metrics
+    found["eval_merged_vs_base_time"] = round(found["eval_users_per_s_base"] / found["eval_users_per_s_merged"], 2)
+    found["eval_unmerged_vs_merged_time"] = round(
+        found["eval_users_per_s_merged"] / found["eval_users_per_s_unmerged"], 2
+    )
+    found["eval_same_metrics_merged_unmerged"] = scores["merged"] == scores["unmerged"]
+    print(
+        f"evaluation of {args.eval_users} test users: base {found['eval_users_per_s_base']}/s, LoRA unmerged "
+        f"{found['eval_users_per_s_unmerged']}/s, merged {found['eval_users_per_s_merged']}/s "
+        f"(metrics merged {scores['merged']}, unmerged {scores['unmerged']})",
+        flush=True,
+    )
+    return found
+
+
+def model_settings(config) -> dict:
+    keys = ("prompt_format", "llm_train_objective", "max_history_items", "item_text_template", "train_batch_size")
+    return {k: config[k] for k in keys}
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ def run_one(spec: dict) -> dict:
         "torch_threads": torch.get_num_threads(),
         "processes": int(spec.get("nproc", 1)),
         **training_record(trainer, config, scores),
+        "valid_curve": valid_curve(trainer, scores),
     }
 
 
@@ -251,6 +252,25 @@ def training_record(trainer, config, scores: list[tuple[int, float]]) -> dict:
     else:
         stopped = "validation" if scores and epochs < cap else "cap"
     return {"epochs_trained": epochs, "epoch_cap": cap, "best_epoch": best, "stopped_by": stopped}
+
+
+def valid_curve(trainer, scores: list[tuple[int, float]]) -> list[dict]:
+    """The learning curve: per validation, its epoch, the epoch's training loss (RecBole's: summed
+    over its optimizer steps) and the ``valid_metric`` as validated; with ``score_fusion: auto``
+    also the weight chosen then and NDCG@10 of the fused ranking and of the LLM alone (weight 1.0)
+    on the same users."""
+    history = getattr(trainer, "fusion_history", None) or []
+    weights = getattr(trainer, "fusion_weights", None) or []
+    losses = getattr(trainer, "train_loss_dict", None) or {}
+    curve = []
+    for i, (epoch, score) in enumerate(scores):
+        point = {"epoch": epoch, "valid": _number(score), "train_loss": _number(losses.get(epoch))}
+        if len(history) == len(scores) and len(weights) == len(scores):
+            point["fusion_weight"] = weights[i]
+            point["fused_ndcg@10"] = _number((history[i].get(weights[i]) or {}).get("ndcg@10"))
+            point["llm_alone_ndcg@10"] = _number((history[i].get(1.0) or {}).get("ndcg@10"))
+        curve.append(point)
+    return curve
 
 
 @contextlib.contextmanager
@@ -644,6 +664,7 @@ def write_outputs(rows: list[dict], out: str, meta: dict) -> None:
     with open(os.path.join(out, "benchmark.md"), "w", encoding="utf-8") as f:
         f.write(markdown_table(rows, meta))
     plot(rows, os.path.join(out, "benchmark.png"), meta)
+    plot_curves(rows, os.path.join(out, "learning_curve.png"))
 
 
 def _cell(value, digits=4) -> str:
@@ -736,6 +757,40 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
             [lab if good else f"{lab}\n(failed)" for lab, good in zip(labels, ok)], rotation=0, fontsize=7
         )
     fig.suptitle(f"recbole-llmgen benchmark: {meta['dataset']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict], path: str) -> None:
+    """Valid metric per epoch of every LLMGen row that validated after training (fused and LLM
+    alone), the kept epoch marked; nothing when no row has such a curve."""
+    curves = [r for r in rows if r.get("model") == "LLMGen" and r.get("epochs_trained") and r.get("valid_curve")]
+    if not curves:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    metric = "valid " + str(curves[0].get("valid_metric", ""))
+    for row in curves:
+        points = row["valid_curve"]
+        epochs = [p["epoch"] + 1 for p in points]  # RecBole counts epochs from 0
+        name = textwrap.shorten(row_label(row), 48)
+        if all(p.get("fused_ndcg@10") is not None for p in points):
+            metric = "valid NDCG@10"
+            ax.plot(epochs, [p["fused_ndcg@10"] for p in points], marker="o", label=f"{name}: fused")
+            ax.plot(epochs, [p["llm_alone_ndcg@10"] for p in points], marker="s", linestyle="--", label="LLM alone")
+        else:
+            ax.plot(epochs, [p["valid"] for p in points], marker="o", label=name)
+        if row.get("best_epoch") is not None:
+            ax.axvline(row["best_epoch"] + 1, color="grey", linestyle=":", label=f"kept: epoch {row['best_epoch'] + 1}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("LLMGen learning curve (valid split)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

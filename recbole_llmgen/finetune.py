@@ -58,6 +58,44 @@ def make_trainable(llm, train_mode: str, lora: dict, gradient_checkpointing: boo
     return peft_model
 
 
+class MergedAdapters:
+    """LoRA adapters merged into the base weights for evaluation, so scoring and generation run at
+    the base model's speed (unmerged, every linear layer also runs its two adapter matmuls).
+
+    ``merge()`` keeps an exact copy of each adapted base weight; ``unmerge()`` puts it back
+    bit for bit (peft's own unmerge subtracts the update again, which in bf16 does not give the
+    original weights back: training would drift with every validation). The adapters themselves
+    (the trainable tensors, the checkpoint) are never touched. Costs one copy of the adapted
+    weights while merged.
+    """
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.saved: list[tuple[torch.nn.Module, torch.Tensor]] = []
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.saved)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.saved:
+            return
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.llm.modules():
+            if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters:
+                self.saved.append((module, module.get_base_layer().weight.detach().clone()))
+                module.merge()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for module, weight in self.saved:
+            module.get_base_layer().weight.copy_(weight)
+            module.merged_adapters.clear()
+        self.saved = []
+
+
 def parameter_key(name: str) -> str:
     """A parameter name usable as a ParameterDict key (no dots)."""
     return name.replace(".", "-")
@@ -123,10 +161,9 @@ def target_token_nll(llm, prompts: Sequence[Sequence[int]], targets: Sequence[Se
     keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
     for row, target in enumerate(targets):
         keep[row, width - len(target) - 1 : width - 1] = True  # position j predicts token j + 1
-    logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits  # [N, V]
     tokens = torch.tensor([token for target in targets for token in target], device=device)
-    picked = F.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]  # [N]
-    return torch.stack([-part.mean() for part in picked.split([len(t) for t in targets])])
+    nll = token_nll(llm, ids, mask, positions, keep, tokens)  # [N]
+    return torch.stack([part.mean() for part in nll.split([len(t) for t in targets])])
 
 
 def label_cross_entropy(
@@ -235,11 +272,104 @@ def sequence_item_nll(llm, rows: Sequence[Sequence[int]], spans: Sequence[Sequen
             targets.extend(row[start:end])
             sizes.append(end - start)
     positions = torch.arange(width).expand(len(rows), -1)
-    logits = llm(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        logits_to_keep=keep.to(device),
-    ).logits  # [N, V], row-major: the spans' tokens in order
-    picked = F.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
-    return torch.stack([-part.mean() for part in picked.split(sizes)])
+    nll = token_nll(
+        llm,
+        ids.to(device),
+        mask.to(device),
+        positions.to(device),
+        keep.to(device),
+        torch.tensor(targets, device=device),
+    )  # [N], row-major: the spans' tokens in order
+    return torch.stack([part.mean() for part in nll.split(sizes)])
+
+
+# --- the output layer and the loss in one chunked pass -------------------------------------------
+
+LOSS_CHUNK_ROWS = 512  # token rows per chunk: a [512, vocabulary] fp32 block at a time, never [N, vocabulary]
+
+
+def fused_output_layer(llm):
+    """The plain output ``nn.Linear`` (no bias) whose logits are exactly ``hidden @ weight.T``, or
+    None when the model does anything else to its logits (an adapter on the output layer, a bias,
+    soft-capping, a logit scale): those keep the library's own path."""
+    head = llm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    config = getattr(llm, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    return head
+
+
+class _ChunkedTokenNLL(torch.autograd.Function):
+    """``-log softmax(hidden @ weight.T)[target]`` per row, in chunks of rows: the [N, vocabulary]
+    logits are never held at once (nor their fp32 copy, log-softmax and its gradient).
+
+    The loss is the graph's last step, so with a frozen output layer (LoRA) the gradient of each
+    row's hidden state is computed in the forward pass, while its logits are at hand; the backward
+    only scales it. A trainable output layer (full fine-tuning) saves the hidden states and
+    recomputes each chunk's logits in the backward instead.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype):
+        w = weight.to(dtype)
+        nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+            end = min(start + LOSS_CHUNK_ROWS, hidden.shape[0])
+            nll[start:end], probs = _softmax_nll(hidden[start:end].to(dtype) @ w.T, targets[start:end])
+            if grad_hidden is not None:
+                grad_hidden[start:end] = (probs.to(dtype) @ w).to(hidden.dtype)
+        ctx.dtype = dtype
+        ctx.precomputed = grad_hidden is not None
+        ctx.save_for_backward(grad_hidden if ctx.precomputed else hidden, weight, targets)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        saved, weight, targets = ctx.saved_tensors
+        if ctx.precomputed:
+            return saved * grad_nll[:, None].to(saved.dtype), None, None, None
+        hidden, dtype = saved, ctx.dtype
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+            end = min(start + LOSS_CHUNK_ROWS, hidden.shape[0])
+            h = hidden[start:end].to(dtype)
+            _, probs = _softmax_nll(h @ w.T, targets[start:end])
+            probs = probs.mul_(grad_nll[start:end, None]).to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = (probs @ w).to(hidden.dtype)
+            grad_weight += (probs.T @ h).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
+def _softmax_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-log softmax(logits)[target], softmax(logits) - onehot(target)) of a chunk, in fp32, the
+    chunk's block overwritten in place (few passes over [rows, vocabulary] memory)."""
+    logits = logits.float()
+    tokens = targets[:, None]
+    picked = logits.gather(1, tokens)[:, 0]
+    top = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(top).exp_()
+    total = exp.sum(dim=-1, keepdim=True)
+    nll = top[:, 0] + total[:, 0].log() - picked
+    probs = exp.div_(total).scatter_add_(1, tokens, torch.full_like(total, -1.0))
+    return nll, probs
+
+
+def token_nll(llm, ids, mask, positions, keep, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-probability of ``targets`` [N] predicted at the ``keep`` positions [B, T] of the
+    rows (row-major). With a plain output layer the decoder's hidden states go through
+    :class:`_ChunkedTokenNLL`; otherwise the model's own logits at ``keep`` (same numbers)."""
+    head = fused_output_layer(llm)
+    if head is None:
+        logits = llm(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        return -F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    hidden = llm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[keep]
+    kind = hidden.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else head.weight.dtype
+    with torch.autocast(kind, enabled=False):
+        return _ChunkedTokenNLL.apply(hidden, head.weight, targets, dtype)

@@ -6,6 +6,7 @@ as a safetensors folder so later loads take well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -159,6 +160,25 @@ def _native_bf16(kind: str, fast_bf16: bool | None) -> bool:
     if kind == "cpu":
         return cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16
     return kind == "cuda"
+
+
+@contextlib.contextmanager
+def training_attention(llm):
+    """Training on a CPU: the model's ``eager`` attention (bf16 matmuls, fp32 softmax) instead of
+    PyTorch's fused SDPA kernel, whose CPU backward was 3.5x slower on list windows of ~130 tokens
+    (bench_train.py); restored afterwards, so scoring and generation keep their own. Same numbers
+    within bf16 rounding (tests/test_train_speed.py). Elsewhere, or for a model that cannot switch, nothing changes."""
+    before = getattr(llm.config, "_attn_implementation", None)
+    switch = (
+        llm.device.type == "cpu" and before == "sdpa" and getattr(llm, "_can_set_attn_implementation", lambda: False)()
+    )
+    if switch:
+        llm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            llm.set_attn_implementation(before)
 
 
 def default_cache_dir() -> Path:

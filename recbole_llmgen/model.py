@@ -53,6 +53,8 @@ class LLMGen(SequentialRecommender):
         self.base_fingerprint = finetune.fingerprint(llm, s.llm_path)
         peft_model = finetune.make_trainable(llm, s.train_mode, s.lora, s.gradient_checkpointing)
         object.__setattr__(self, "peft_model", peft_model)  # for save_pretrained exports; not a submodule
+        # evaluation mode merges LoRA into the weights (base-model speed), training mode restores them exactly
+        self.adapters = finetune.MergedAdapters(llm) if peft_model is not None else None
         self.llm_trainable = torch.nn.ParameterDict(finetune.trainable_parameters(llm))
         self.items_fingerprint = finetune.items_fingerprint(config["dataset"], dataset.field2id_token[self.ITEM_ID])
 
@@ -100,15 +102,25 @@ class LLMGen(SequentialRecommender):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Check the identity card first (a named error, before any weight is touched), then load."""
         finetune.check_checkpoint(state_dict.get("_extra_state"), self.identity())
+        merged = self.adapters is not None and self.adapters.merged
+        if merged:  # the merged weights hold the old adapters
+            self.adapters.unmerge()
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if merged:
+            self.adapters.merge()
         self.scorer.weights_changed()
         self.generator.weights_changed()
         return result
 
     def train(self, mode: bool = True):
-        """Also switches the LLM (outside the module tree) between train and eval mode."""
+        """Also switches the LLM (outside the module tree) between train and eval mode; LoRA
+        adapters are merged into the weights in eval mode and taken out again for training."""
         super().train(mode)
         self.llm.train(mode and self.settings.train_mode != "none")
+        if self.adapters is not None and mode:
+            self.adapters.unmerge()
+        elif self.adapters is not None:
+            self.adapters.merge()
         if mode:  # the weights will change
             self.scorer.weights_changed()
             self.generator.weights_changed()
@@ -163,6 +175,8 @@ class LLMGen(SequentialRecommender):
                 "training; use it (RecBole picks it by name) instead of a plain Trainer, or set "
                 "train_mode: lora | full."
             )
+        if self.adapters is not None:  # gradients reach adapters only outside the merged weights
+            self.adapters.unmerge()
         pad = self.tokenizer.pad_token_id
         if sequence.WINDOW_FIELD in interaction.interaction:
             window, lengths = interaction[sequence.WINDOW_FIELD].cpu(), interaction[sequence.WINDOW_LEN_FIELD].cpu()

@@ -14,6 +14,7 @@ from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_llmgen import distributed, finetune, sequence, two_stage
+from recbole_llmgen.llm import training_attention
 from recbole_llmgen.settings import FUSION_GRID
 
 LOG_EVERY = 50  # optimizer steps between loss lines in the log
@@ -43,6 +44,7 @@ class LLMGenTrainer(Trainer):
         super().__init__(config, model)
         self.test_batch_size = float("inf")  # never split a user's rows in _spilt_predict
         self.fusion_history: list[dict] = []  # score_fusion: auto: {weight: valid result} per validation
+        self.fusion_weights: list[float] = []  # score_fusion: auto: the weight chosen at each validation
 
     def _trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -100,7 +102,12 @@ class LLMGenTrainer(Trainer):
         return self.best_valid_score, self.best_valid_result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        """One optimizer step per RecBole batch, gradients accumulated over micro-batches."""
+        """One optimizer step per RecBole batch, gradients accumulated over micro-batches (on a CPU
+        with the model's eager attention: :func:`~recbole_llmgen.llm.training_attention`)."""
+        with training_attention(self.model.llm):
+            return self._train_steps(train_data, epoch_idx, loss_func, show_progress)
+
+    def _train_steps(self, train_data, epoch_idx, loss_func, show_progress):
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         micro = self.model.settings.llm_train_batch_size
@@ -165,6 +172,7 @@ class LLMGenTrainer(Trainer):
         best = max(scores, key=lambda w: (sign * scores[w], -w))  # a tie goes to the candidate model's side
         self.model.fusion_weight = best
         self.fusion_history.append(results)
+        self.fusion_weights.append(best)
         self.logger.info(
             set_color("score_fusion: auto", "green")
             + f": LLM weight {best} chosen on the valid split ({self.valid_metric}: "

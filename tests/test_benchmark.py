@@ -177,12 +177,20 @@ def test_finetune_config_gives_llm_only_and_fused_rows(toy_config_dict, tmp_path
     row_label = benchmark.row_label
     by_label = {row_label(r): r for r in rows}
     bpr = next(r for r in rows if r["model"] == "BPR")
-    assert bpr["epoch_cap"] == 300  # the file's epochs: 1 is LLMGen's only
+    assert bpr["epoch_cap"] == 300  # the file's epochs: 3 is LLMGen's only
     llm = [r for r in rows if r["model"] == "LLMGen"]
     assert [r.get("variant") for r in llm] == ["fused", "LLM only"], by_label
     fused, alone = llm
     assert fused["status"] == alone["status"] == "ok"
-    assert fused["trainable_parameters"] > 0 and fused["epochs_trained"] == 1
+    assert fused["trainable_parameters"] > 0 and fused["epoch_cap"] == 3
+    # stopping_step 0: RecBole stops at the first validation that does not improve, keeping the best
+    assert 2 <= fused["epochs_trained"] <= 3 and fused["best_epoch"] < fused["epochs_trained"]
+    assert fused["epochs_trained"] == 3 or fused["best_epoch"] == fused["epochs_trained"] - 2
+    curve = fused["valid_curve"]  # the learning curve, one point per epoch, fused and LLM alone
+    assert [p["epoch"] for p in curve] == list(range(fused["epochs_trained"]))
+    assert all(p["fused_ndcg@10"] is not None and p["llm_alone_ndcg@10"] is not None for p in curve)
+    assert curve[fused["best_epoch"]]["valid"] == fused["best_valid_score"]
+    assert os.path.getsize(out / "learning_curve.png") > 1000
     assert 0.0 <= fused["fusion_weight"] <= 1.0 and alone["fusion_weight"] == 1.0
     assert "fine-tuned" in row_label(fused) and "LLM only" in row_label(alone) and "fused" in row_label(fused)
     for row in llm:
@@ -301,3 +309,30 @@ def test_a_candidate_source_in_a_config_file_is_kept(toy_config_dict, tmp_path):
         benchmark.run_benchmark("toy", ["Pop", "LLMGen"], "full", files, bench_overrides(toy_config_dict),
                                 str(tmp_path / f"out-{bool(files)}"), log=lambda m: None, runner=runner)  # fmt: skip
         assert specs["LLMGen"]["config"].get("candidate_source") == expected
+
+
+def test_valid_curve_gives_fused_and_llm_alone_per_epoch_and_plots_it(tmp_path):
+    class Fake:
+        train_loss_dict = {0: 9.0, 1: 7.5}
+        fusion_weights = [0.3, 0.5]
+        fusion_history = [
+            {w: {"ndcg@10": 0.01 * (1 + w), "mrr@10": 0.1} for w in (0.0, 0.3, 1.0)},
+            {w: {"ndcg@10": 0.02 * (1 + w), "mrr@10": 0.2} for w in (0.0, 0.5, 1.0)},
+        ]
+
+    curve = benchmark.valid_curve(Fake(), [(0, 0.1), (1, 0.2)])
+    assert curve == [
+        {"epoch": 0, "valid": 0.1, "train_loss": 9.0, "fusion_weight": 0.3, "fused_ndcg@10": 0.013,
+         "llm_alone_ndcg@10": 0.02},
+        {"epoch": 1, "valid": 0.2, "train_loss": 7.5, "fusion_weight": 0.5, "fused_ndcg@10": 0.03,
+         "llm_alone_ndcg@10": 0.04},
+    ]  # fmt: skip
+    Fake.fusion_history = []  # no fusion: the valid metric only
+    assert benchmark.valid_curve(Fake(), [(0, 0.1)]) == [{"epoch": 0, "valid": 0.1, "train_loss": 9.0}]
+    row = {"model": "LLMGen", "status": "ok", "epochs_trained": 2, "best_epoch": 1, "valid_curve": curve,
+           "valid_metric": "MRR@10", "train_mode": "lora"}  # fmt: skip
+    path = tmp_path / "curve.png"
+    benchmark.plot_curves([{"model": "BPR", "valid_curve": curve}, row], str(path))
+    assert path.stat().st_size > 1000
+    benchmark.plot_curves([{**row, "epochs_trained": 0}], str(tmp_path / "none.png"))  # zero-shot: no plot
+    assert not (tmp_path / "none.png").exists()
