@@ -177,15 +177,13 @@ def test_finetune_config_gives_llm_only_and_fused_rows(toy_config_dict, tmp_path
     row_label = benchmark.row_label
     by_label = {row_label(r): r for r in rows}
     bpr = next(r for r in rows if r["model"] == "BPR")
-    assert bpr["epoch_cap"] == 300  # the file's epochs: 3 is LLMGen's only
+    assert bpr["epoch_cap"] == 300  # the file's epochs: 2 is LLMGen's only
     llm = [r for r in rows if r["model"] == "LLMGen"]
     assert [r.get("variant") for r in llm] == ["fused", "LLM only"], by_label
     fused, alone = llm
     assert fused["status"] == alone["status"] == "ok"
-    assert fused["trainable_parameters"] > 0 and fused["epoch_cap"] == 3
-    # stopping_step 0: RecBole stops at the first validation that does not improve, keeping the best
-    assert 2 <= fused["epochs_trained"] <= 3 and fused["best_epoch"] < fused["epochs_trained"]
-    assert fused["epochs_trained"] == 3 or fused["best_epoch"] == fused["epochs_trained"] - 2
+    assert fused["trainable_parameters"] > 0 and fused["epoch_cap"] == fused["epochs_trained"] == 2
+    assert fused["best_epoch"] in (0, 1)  # RecBole keeps the best validation's checkpoint
     curve = fused["valid_curve"]  # the learning curve, one point per epoch, fused and LLM alone
     assert [p["epoch"] for p in curve] == list(range(fused["epochs_trained"]))
     assert all(p["fused_ndcg@10"] is not None and p["llm_alone_ndcg@10"] is not None for p in curve)
