@@ -9,6 +9,10 @@ The losses train exactly what is scored:
   the likelihood score; averaged over the batch.
 * ``verbalizer``: cross-entropy of the target's label among ``num_candidates`` listed candidates
   (retrieved from ``candidate_source``, target inserted at a random position).
+
+At this CPU's speed (issue 25): :func:`token_nll` runs the output layer and the loss together in
+chunks of rows (never the [tokens, vocabulary] logits, their fp32 copy and log-softmax: a third of
+a training step before), and :class:`MergedAdapters` merges LoRA into the weights for evaluation.
 """
 
 from __future__ import annotations
@@ -150,10 +154,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[t
 def target_token_nll(llm, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int):
     """Mean negative log-probability of each target's tokens after its prompt. [B]
 
-    Only the target tokens are scored: the prompt is context, never a label. Logits are computed
-    only at the positions that predict a target token (a 2-D boolean ``logits_to_keep``: one
-    contiguous [N, hidden] block through the output layer; slicing the last positions of a
-    batch instead makes torch copy the output weight once per row in training).
+    Only the target tokens are scored: the prompt is context, never a label. The output layer runs
+    only at the positions that predict a target token (:func:`token_nll`).
     """
     device = llm.device
     ids, mask, positions = left_pad([list(p) + list(t) for p, t in zip(prompts, targets)], pad_id, device)
