@@ -27,7 +27,9 @@ import time
 import traceback
 from collections.abc import Callable
 
-from recbole_llmgen import per_user
+import numpy as np
+
+from recbole_llmgen import per_user, progress
 from recbole_llmgen.regime import REGIME_KEYS, Regime, RegimeUnavailable, check_targets, selected_users
 from recbole_llmgen.regime import prepare as prepare_regime
 
@@ -147,12 +149,14 @@ def run_one(spec: dict) -> dict:
     from recbole.utils import get_trainer, init_logger
 
     import recbole_llmgen  # noqa: F401
-    from recbole_llmgen.integration import build_config, build_model, load_data, recbole_argv
+    from recbole_llmgen.integration import build_config, build_model, load_data, only_users, recbole_argv
 
     with recbole_argv([]):
         config = build_config(spec["model"], spec["dataset"], spec["config"], spec.get("config_files"))
     init_logger(config)  # RecBole's epoch lines go to this model's log
     train_data, valid_data, test_data = load_data(config)
+    if spec.get("eval_users"):  # a seeded sample of users: evaluated on both splits, trained on all data
+        valid_data, test_data = only_users(valid_data, spec["eval_users"]), only_users(test_data, spec["eval_users"])
     model = build_model(config, train_data)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     # a zero-shot LLM selects nothing on the valid split: skipping it halves its cost (opt in: llm_valid)
@@ -166,12 +170,15 @@ def run_one(spec: dict) -> dict:
     )
     start = time.perf_counter()
     scores: list[tuple[int, float]] = []  # (epoch, valid score) of every validation
+    epochs = progress.tracker(f"{spec['model']}: epochs", int(config["epochs"] or 0), "epochs")
+
+    def validated(epoch: int, score: float) -> None:
+        scores.append((epoch, float(score)))
+        if epochs is not None:
+            epochs.advance(epoch + 1 - epochs.done, note=f"valid {config['valid_metric']} {float(score):.4f}")
+
     best_valid_score, best_valid = trainer.fit(
-        train_data,
-        None if zero_shot else valid_data,
-        saved=True,
-        show_progress=False,
-        callback_fn=lambda epoch, score: scores.append((epoch, float(score))),
+        train_data, None if zero_shot else valid_data, saved=True, show_progress=False, callback_fn=validated
     )
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -350,22 +357,26 @@ def _rank_worker(local_rank: int, spec: dict, result_path: str, port: str) -> No
             json.dump(row, f)
 
 
-def run_in_subprocess(spec: dict, log_path: str) -> dict:
-    """Run one model in a fresh Python process; a crash becomes a failed row."""
+def run_in_subprocess(spec: dict, log_path: str, console: Callable[[str], None] | None = None) -> dict:
+    """Run one model in a fresh Python process; a crash becomes a failed row. Its output goes to
+    ``log_path``; with ``console``, its progress (:mod:`recbole_llmgen.progress`) is printed there."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+        progress_path = os.path.join(tmp, "progress.json")
         with open(spec_path, "w", encoding="utf-8") as f:
             json.dump(spec, f)
         code = f"from recbole_llmgen.benchmark import _worker; _worker({spec_path!r}, {result_path!r})"
+        env = {**os.environ, progress.ENV: progress_path}
         with open(log_path, "w", encoding="utf-8") as log:
-            process = subprocess.run([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, check=False)
+            process = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env)
+            returncode = progress.watch(process, progress_path, console or (lambda _: None))
         if os.path.isfile(result_path):
             with open(result_path, encoding="utf-8") as f:
                 return json.load(f)
         return {
             "model": spec["model"],
             "status": "failed",
-            "error": f"process exited with {process.returncode}; see {log_path}",
+            "error": f"process exited with {returncode}; see {log_path}",
         }
 
 
@@ -399,6 +410,7 @@ def run_benchmark(
     llm_nproc: int = 1,
     regime: Regime | None = None,
     requests: bool = False,
+    eval_users: int | None = None,
 ) -> list[dict]:
     """Run ``models`` on ``dataset`` (classic models first), write the three files, return the rows.
 
@@ -408,6 +420,8 @@ def run_benchmark(
     metrics, evaluation split between them); the classic models, cheap to run, stay in one.
     ``regime``: sparse training data and cold-start users or items (:mod:`recbole_llmgen.regime`).
     ``requests``: also the request protocol (:mod:`recbole_llmgen.request_bench`): requests.md/.csv.
+    ``eval_users``: evaluate a seeded sample of that many test users (the same users on the valid
+    split and for every model; models still train on all training data): :func:`sample_users`.
     """
     from recbole_llmgen.registry import known_model_names
 
@@ -427,8 +441,15 @@ def run_benchmark(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config_files: {path!r} does not exist")
     regime = regime or Regime()
+    if "eval_users" in overrides:  # the config key (--eval_users=N) means the same as the option
+        eval_users = overrides.pop("eval_users")
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     data_path, users = regime_data(regime, dataset, overrides, config_files, out)
+    sample = None
+    if eval_users is not None:
+        sample = sample_users(users, eval_users, int(overrides.get("seed", DEFAULT_SEED)), log)
+        if sample is not None:
+            users = users[users.index.astype(str).isin(sample["users"])]
     ordered = [m for m in models if m != "LLMGen"] + [m for m in models if m == "LLMGen"]
     if requests and ("LLMGen" not in ordered or len(ordered) < 2):
         raise ValueError("requests: the request protocol needs LLMGen and a classic model in models")
@@ -444,6 +465,8 @@ def run_benchmark(
                 config["candidate_source"] = best["model_file"]
         spec = {"model": model, "dataset": dataset, "config": config, "config_files": config_files}
         spec["users_file"] = os.path.abspath(per_user.users_file(os.path.join(out, "runs", model)))
+        if sample is not None:
+            spec["eval_users"] = sample["users"]
         if model == "LLMGen" and llm_valid:
             spec["llm_valid"] = True
         if model == "LLMGen" and llm_nproc > 1:
@@ -463,7 +486,11 @@ def run_benchmark(
             continue
         log(f"[{index}/{len(ordered)}] {model}: running (log: {os.path.join(out, 'runs', model + '.log')})")
         start = time.perf_counter()
-        row = runner(spec, os.path.join(out, "runs", f"{model}.log"))
+        row = (
+            runner(spec, os.path.join(out, "runs", f"{model}.log"), console=log)
+            if runner is run_in_subprocess  # the default: its progress on the console
+            else runner(spec, os.path.join(out, "runs", f"{model}.log"))
+        )
         row["hash"] = digest
         row["wall_seconds"] = round(time.perf_counter() - start, 1)
         _write_json(record, row)
@@ -475,6 +502,7 @@ def run_benchmark(
         else:
             log(f"    FAILED: {row.get('error')}")
     meta = {"dataset": dataset, "protocol": protocol, "overrides": overrides, "regime": regime, "users": users}
+    meta["sample"] = sample
     write_outputs(rows, out, meta)
     if requests:
         run_requests(rows, specs.get("LLMGen"), out, log)
@@ -503,6 +531,31 @@ def run_requests(rows: list[dict], spec: dict | None, out: str, log: Callable[[s
     request_rows = run_request_protocol(spec, out, best["model"])
     _write_json(record, {"hash": digest, "rows": request_rows, "wall_seconds": round(time.perf_counter() - start, 1)})
     log(f"    wrote {os.path.join(out, 'requests.md')} ({time.perf_counter() - start:.0f} s)")
+
+
+DEFAULT_SEED = 2020  # RecBole's default seed: the sample's unless the run sets seed
+
+
+def sample_users(users, eval_users, seed: int, log: Callable[[str], None] = print) -> dict | None:
+    """``{"users": [...], "of": M, "seed": S}``: a seeded sample of ``eval_users`` of the ``users``
+    table's users (a regime's evaluated users), sorted; None when it asks for all of them (a warning
+    when more). The same table and seed give the same users for every model and every sweep cell."""
+    if isinstance(eval_users, bool) or not isinstance(eval_users, int) or eval_users < 1:
+        raise ValueError(f"eval_users: expected a number of test users >= 1, got {eval_users!r}")
+    if users is None:
+        raise ValueError(
+            "eval_users: the benchmark could not read this dataset's atomic .inter file to list its test users "
+            "(set data_path to the folder that holds DATASET/DATASET.inter)"
+        )
+    if len(users) == 0:
+        raise ValueError("eval_users: this regime evaluates no user, so there is nobody to sample")
+    if eval_users >= len(users):
+        if eval_users > len(users):
+            log(f"    eval_users: {eval_users} is more than the {len(users)} test users; evaluating all of them")
+        return None
+    chosen = np.random.default_rng(seed).choice(len(users), size=eval_users, replace=False)
+    tokens = sorted(str(u) for u in users.index[np.sort(chosen)])
+    return {"users": tokens, "of": len(users), "seed": seed}
 
 
 def regime_data(regime: Regime, dataset: str, overrides: dict, config_files: list[str] | None, out: str):
@@ -707,11 +760,14 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
 
 def regime_line(meta: dict) -> str:
     """The data regime, the users evaluated and their average training history (a line), or ''."""
-    regime, users = meta.get("regime") or Regime(), meta.get("users")
+    regime, users, sample = meta.get("regime") or Regime(), meta.get("users"), meta.get("sample")
+    evaluated = f"{len(users)}" if users is not None else ""
+    if sample:
+        evaluated = f"{len(sample['users'])} of {sample['of']} (a seeded sample, seed {sample['seed']})"
     if users is None:
         return "" if regime.is_default else f"Regime: {regime.describe()}.\n\n"
     text = (
-        f"Regime: {regime.describe()}. Evaluated users: {len(users)}, average training history "
+        f"Regime: {regime.describe()}. Evaluated users: {evaluated}, average training history "
         f"{users['train_items'].mean():.1f} interactions (median {users['train_items'].median():g})"
     )
     if regime.selects_users:

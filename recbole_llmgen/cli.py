@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--requests", action="store_true", help="also the request protocol (genre requests on ml-100k): requests.md"
     )
     bench.add_argument(
+        "--eval_users",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate a seeded sample of N test users (the same for every model; training uses all data)",
+    )
+    bench.add_argument(
         "--sweep",
         default=None,
         metavar="KEY=V1,V2,...",
@@ -309,6 +316,8 @@ def _benchmark(args, overrides: dict) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     options = {"train_fraction": args.train_fraction, "cold_users": args.cold_users, "cold_items": args.cold_items}
     common = {"llm_valid": args.llm_valid, "llm_nproc": _llm_nproc(args.llm_nproc), "requests": args.requests}
+    if args.eval_users is not None:
+        common["eval_users"] = args.eval_users
     start = time.perf_counter()
     try:
         if args.sweep:

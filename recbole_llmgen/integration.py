@@ -218,3 +218,20 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     import torch
 
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def only_users(loader, tokens):
+    """An evaluation loader of the same kind over the rows of the users named by ``tokens`` (their
+    ids as in the data files); users the dataset does not hold (filtered by RecBole) are skipped.
+    The training items masked in full ranking come from the same sampler, so every kept user is
+    ranked exactly as in the whole split."""
+    import numpy as np
+    import torch
+
+    dataset = loader._dataset
+    field = dataset.uid_field
+    known = dataset.field2token_id[field]
+    ids = np.asarray([known[t] for t in tokens if t in known], dtype=np.int64)
+    keep = np.isin(dataset.inter_feat[field].numpy(), ids)
+    subset = dataset.copy(dataset.inter_feat[torch.from_numpy(np.flatnonzero(keep))])
+    return type(loader)(loader.config, subset, loader._sampler, shuffle=False)

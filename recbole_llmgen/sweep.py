@@ -65,8 +65,15 @@ def run_sweep(
     base = {k: v for k, v in (base or {}).items() if v is not None and k != key}
     regimes = [check_regime(**{**base, key: value}) for value in values]
     overrides = dict(overrides or {})
-    for value, regime in zip(values, regimes):  # a regime that evaluates nobody fails before any model runs
-        benchmark.regime_data(regime, dataset, overrides, config_files, os.path.join(out, cell_name(key, value)))
+    eval_users = benchmark_options.get("eval_users", overrides.get("eval_users"))
+    for value, regime in zip(values, regimes):  # a regime (or sample) that evaluates nobody fails before any model runs
+        _, users = benchmark.regime_data(
+            regime, dataset, overrides, config_files, os.path.join(out, cell_name(key, value))
+        )
+        if eval_users is not None:
+            benchmark.sample_users(
+                users, eval_users, int(overrides.get("seed", benchmark.DEFAULT_SEED)), lambda _: None
+            )
     runner = runner or benchmark.run_in_subprocess
     models = list(models or benchmark.DEFAULT_MODELS)
     rows: list[dict] = []

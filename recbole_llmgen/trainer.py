@@ -3,6 +3,7 @@ fine-tuned one trains in small micro-batches."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -13,7 +14,7 @@ from recbole.utils import set_color
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_llmgen import distributed, finetune, sequence, two_stage
+from recbole_llmgen import distributed, finetune, progress, sequence, two_stage
 from recbole_llmgen.llm import training_attention
 from recbole_llmgen.settings import FUSION_GRID
 
@@ -122,6 +123,7 @@ class LLMGenTrainer(Trainer):
                 train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")
             )
         start_time, recent = time.perf_counter(), []
+        steps = progress.tracker(f"LLMGen: epoch {epoch_idx + 1}: training", len(train_data), "optimizer steps")
         for step, interaction in enumerate(iter_data, 1):
             interaction = interaction.to(self.device)
             self.optimizer.zero_grad()
@@ -142,6 +144,8 @@ class LLMGenTrainer(Trainer):
             self.optimizer.step()
             total += batch_loss
             recent.append(batch_loss)
+            if steps is not None:
+                steps.advance(note=f"loss {batch_loss:.3f}")
             if step % LOG_EVERY == 0:  # a learning curve within the epoch (an LLM epoch is long on a CPU)
                 self.logger.info(
                     f"epoch {epoch_idx} step {step}/{len(train_data)}: mean loss of the last {len(recent)} "
@@ -213,4 +217,34 @@ class LLMGenTrainer(Trainer):
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if self.zero_shot and model_file is None:
             load_best_model = False  # nothing was trained: the model in memory is the model
-        return super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        with self._progress_of(eval_data):
+            return super().evaluate(eval_data, load_best_model, model_file, show_progress)
+
+    @contextlib.contextmanager
+    def _progress_of(self, eval_data):
+        """Counts the evaluated users (RecBole's batch functions, this process's share of the
+        batches in a multi-process run) into a progress tracker (:mod:`recbole_llmgen.progress`)."""
+        from recbole.data.dataloader import FullSortEvalDataLoader
+
+        world = self.config["world_size"] if distributed.active(self.config) else 1
+        rows = len(eval_data._dataset) if eval_data else 0
+        unit = "users" if isinstance(eval_data, FullSortEvalDataLoader) else "(user, item) rows"
+        counter = progress.tracker("LLMGen: evaluating", -(-rows // world), unit)
+        if counter is None:
+            yield
+            return
+        names = ("_full_sort_batch_eval", "_neg_sample_batch_eval")
+        for name in names:
+            original = getattr(self, name)
+
+            def counted(batched_data, original=original):
+                found = original(batched_data)
+                counter.advance(len(found[0]))
+                return found
+
+            setattr(self, name, counted)
+        try:
+            yield
+        finally:
+            for name in names:
+                delattr(self, name)  # the class's methods again

@@ -334,3 +334,81 @@ def test_valid_curve_gives_fused_and_llm_alone_per_epoch_and_plots_it(tmp_path):
     assert path.stat().st_size > 1000
     benchmark.plot_curves([{**row, "epochs_trained": 0}], str(tmp_path / "none.png"))  # zero-shot: no plot
     assert not (tmp_path / "none.png").exists()
+
+
+def test_eval_users_evaluates_a_seeded_sample_with_the_full_runs_metrics(toy_config_dict, tmp_path):
+    """A sample of test users: the same users for every model and both splits, each user's metrics
+    exactly as in the full run (training uses all data), the row's metric their mean."""
+    from recbole_llmgen import per_user
+
+    # the candidate source fixed: by default it is the best classic model on the valid split, which a
+    # sample of valid users may choose differently (model selection is the one thing a sample changes)
+    overrides = bench_overrides(toy_config_dict, candidate_source="pop")
+    models = ["Pop", "BPR", "LLMGen"]
+
+    def run(out, **options):
+        return benchmark.run_benchmark("toy", models, "full", None, dict(overrides), str(tmp_path / out),
+                                       log=lambda m: None, runner=benchmark.run_in_process, **options)  # fmt: skip
+
+    full = run("full")
+    sampled = run("sampled", eval_users=3)
+    for model in models:
+        whole = per_user.read_users(str(tmp_path / "full" / "runs" / model))
+        part = per_user.read_users(str(tmp_path / "sampled" / "runs" / model))
+        assert len(part) == 3 and set(part.index) < set(whole.index), model
+        for metric in ("ndcg@10", "hit@10"):
+            assert part[metric].tolist() == pytest.approx(whole.loc[part.index, metric].tolist()), (model, metric)
+        row = next(r for r in sampled if r["model"] == model)
+        assert row["users"] == 3 and row["test_ndcg@10"] == pytest.approx(
+            whole.loc[part.index, "ndcg@10"].mean(), abs=1e-4
+        )
+    chosen = [set(per_user.read_users(str(tmp_path / "sampled" / "runs" / m)).index) for m in models]
+    assert chosen[0] == chosen[1] == chosen[2]  # the same users for every model
+    markdown = (tmp_path / "sampled" / "benchmark.md").read_text()
+    n_users = next(r for r in full if r["model"] == "Pop")["users"]
+    assert f"Evaluated users: 3 of {n_users} (a seeded sample, seed 2020)" in markdown
+    again = run("again", eval_users=3)  # the same seed, the same sample
+    assert set(per_user.read_users(str(tmp_path / "again" / "runs" / "Pop")).index) == chosen[0]
+    assert [r["test_ndcg@10"] for r in again] == [r["test_ndcg@10"] for r in sampled]
+
+
+def test_eval_users_bad_values(toy_config_dict, tmp_path):
+    overrides = bench_overrides(toy_config_dict)
+    ran = []
+
+    def runner(spec, log_path):
+        ran.append(spec["model"])
+        return benchmark.run_in_process(spec, log_path)
+
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"eval_users: expected a number of test users >= 1, got {bad}"):
+            benchmark.run_benchmark("toy", ["Pop"], "full", None, dict(overrides), str(tmp_path / "bad"),
+                                    log=lambda m: None, runner=runner, eval_users=bad)  # fmt: skip
+    assert ran == []  # named before any model runs
+    messages = []
+    rows = benchmark.run_benchmark("toy", ["Pop"], "full", None, {**overrides, "eval_users": 10_000},
+                                   str(tmp_path / "all"), log=messages.append, runner=runner)  # fmt: skip
+    assert any("eval_users: 10000 is more than the" in m and "evaluating all of them" in m for m in messages)
+    assert rows[0]["users"] > 3 and "eval_users" not in rows[0].get("config", {})
+
+
+def test_eval_users_on_the_command_line_is_checked_first(toy_config_dict, tmp_path):
+    args = [f"--data_path={toy_config_dict['data_path']}", "--state=ERROR"]
+    with pytest.raises(
+        SystemExit, match="recbole-llmgen benchmark: eval_users: expected a number of test users >= 1, got 0"
+    ):
+        main(
+            [
+                "benchmark",
+                "--dataset",
+                "toy",
+                "--models",
+                "Pop",
+                "--eval_users",
+                "0",
+                "--out",
+                str(tmp_path / "o"),
+                *args,
+            ]
+        )
+    assert not (tmp_path / "o" / "runs" / "Pop.json").exists()
