@@ -170,7 +170,7 @@ def run_one(spec: dict) -> dict:
     )
     start = time.perf_counter()
     scores: list[tuple[int, float]] = []  # (epoch, valid score) of every validation
-    epochs = progress.tracker(f"{spec['model']}: epochs", int(config["epochs"] or 0), "epochs")
+    epochs = progress.tracker(f"{spec['model']}: training", int(config["epochs"] or 0), "epochs at most")
 
     def validated(epoch: int, score: float) -> None:
         scores.append((epoch, float(score)))
