@@ -46,6 +46,16 @@ MODEL_DEFAULTS = {
     "LLMGen": {"num_candidates": 10, "max_history_items": 5},
 }
 TABLE_METRICS = ("ndcg@10", "hit@10", "mrr@10", "recall@10")
+# The text retriever as a row of its own (LLMGen's `candidate_source: text` ranking, the LLM's weight
+# 0: sentence-encoder similarity of each item's text to the history, no LLM): a baseline, and a
+# candidate source LLMGen's default is chosen from on the valid split, beside the classic models.
+TEXT_RETRIEVER = "TextRetriever"
+TEXT_RETRIEVER_CONFIG = {
+    "candidate_source": "text",
+    "score_fusion": 0.0,
+    "train_mode": "none",
+    "score_method": "likelihood",
+}
 
 
 def split_args(protocol: str) -> dict:
@@ -101,6 +111,8 @@ def run_hash(spec: dict) -> str:
         stat = os.stat(candidate)
         stamp = [stat.st_size, int(stat.st_mtime)]
     parts = [spec["model"], spec["dataset"], spec["config"], files, stamp, spec.get("llm_valid", False)]
+    if spec.get("name"):  # a row of its own built from another model (the text retriever)
+        parts.append(spec["name"])
     if spec.get("nproc", 1) > 1:  # same metrics, other times: a rerun with another nproc is a new row
         parts.append(spec["nproc"])
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -187,7 +199,7 @@ def run_one(spec: dict) -> dict:
         with keep_struct(trainer) as kept:
             test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
         eval_seconds = time.perf_counter() - start
-        variants = llm_only_variant(spec, trainer, model, test_data, scores) if fused else []
+        variants = llm_only_variant(spec, trainer, model, test_data, scores) if fused and not spec.get("name") else []
     if spec.get("users_file") and _is_writer():
         values = per_user.per_user_values(kept["struct"], trainer.evaluator, config["topk"])
         users, targets = per_user.users_in_order(test_data)
@@ -195,9 +207,9 @@ def run_one(spec: dict) -> dict:
     frozen = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad) if hasattr(model, "llm") else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
-        "model": spec["model"],
+        "model": spec.get("name", spec["model"]),
         "status": "ok",
-        "variant": "fused" if fused else "",
+        "variant": "fused" if fused and not spec.get("name") else "",
         "fusion_weight": model.fusion_weight if fused else None,
         "variants": variants,
         "candidate_source": config["candidate_source"] if spec["model"] == "LLMGen" else "",
@@ -310,7 +322,7 @@ def run_safely(spec: dict) -> dict:
         return run_one(spec)
     except Exception as error:  # noqa: BLE001 -- a failed model is a row of the table
         traceback.print_exc()
-        return {"model": spec["model"], "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        return {"model": spec.get("name", spec["model"]), "status": "failed", "error": f"{type(error).__name__}: {error}"}
 
 
 def run_in_process(spec: dict, log_path: str) -> dict:
@@ -333,7 +345,7 @@ def _worker(spec_path: str, result_path: str) -> None:
         except Exception as error:  # noqa: BLE001 -- a failed rank (the others were stopped) is a failed row
             traceback.print_exc()
             last = error_line(error)
-            row = {"model": spec["model"], "status": "failed", "error": f"{nproc} processes: {last}"}
+            row = {"model": spec.get("name", spec["model"]), "status": "failed", "error": f"{nproc} processes: {last}"}
     else:
         row = run_safely(spec)
     with open(result_path, "w", encoding="utf-8") as f:
@@ -374,7 +386,7 @@ def run_in_subprocess(spec: dict, log_path: str, console: Callable[[str], None] 
             with open(result_path, encoding="utf-8") as f:
                 return json.load(f)
         return {
-            "model": spec["model"],
+            "model": spec.get("name", spec["model"]),
             "status": "failed",
             "error": f"process exited with {returncode}; see {log_path}",
         }
@@ -393,8 +405,23 @@ def row_name(row: dict) -> str:
 
 
 def best_classic(rows: list[dict]) -> dict | None:
-    done = [r for r in rows if r["model"] != "LLMGen" and r.get("status") == "ok" and r.get("model_file")]
+    """The classic model with the best validation score (one with a model file)."""
+    done = [r for r in rows if r["model"] not in ("LLMGen", TEXT_RETRIEVER) and r.get("status") == "ok"]
+    done = [r for r in done if r.get("model_file")]
     return max(done, key=lambda r: r.get("best_valid_score") or float("-inf")) if done else None
+
+
+def best_candidate(rows: list[dict]) -> dict | None:
+    """LLMGen's default candidate source: the classic model or the text retriever with the best
+    validation score (a tie goes to the classic model: it comes first)."""
+    done = [r for r in rows if r["model"] == TEXT_RETRIEVER and r.get("status") == "ok"]
+    done = [r for r in (best_classic(rows), *done) if r is not None and r.get("best_valid_score") is not None]
+    return max(done, key=lambda r: r["best_valid_score"]) if done else best_classic(rows)
+
+
+def candidate_source_of(row: dict) -> str:
+    """The ``candidate_source`` value that reranks ``row``'s ranking."""
+    return TEXT_RETRIEVER_CONFIG["candidate_source"] if row["model"] == TEXT_RETRIEVER else row["model_file"]
 
 
 def run_benchmark(
@@ -433,7 +460,7 @@ def run_benchmark(
             raise ValueError(f"{key}: expected an integer >= 1 ({meaning}), got {value!r}")
     if isinstance(llm_nproc, bool) or not isinstance(llm_nproc, int) or llm_nproc < 1:
         raise ValueError(f"llm_nproc: expected a number of processes >= 1, got {llm_nproc!r}")
-    known = known_model_names()
+    known = {*known_model_names(), TEXT_RETRIEVER}
     unknown = [m for m in models if m not in known]
     if unknown:
         raise ValueError(f"models: {unknown} are not RecBole or plugin models; e.g. {', '.join(DEFAULT_MODELS)}")
@@ -450,20 +477,31 @@ def run_benchmark(
         sample = sample_users(users, eval_users, int(overrides.get("seed", DEFAULT_SEED)), log)
         if sample is not None:
             users = users[users.index.astype(str).isin(sample["users"])]
-    ordered = [m for m in models if m != "LLMGen"] + [m for m in models if m == "LLMGen"]
+    choose_candidates = "LLMGen" in models and "candidate_source" not in {
+        *overrides,
+        *file_keys(config_files, "LLMGen"),
+    }
+    retriever = [TEXT_RETRIEVER] if choose_candidates or TEXT_RETRIEVER in models else []
+    ordered = [m for m in models if m not in ("LLMGen", TEXT_RETRIEVER)] + retriever
+    ordered += [m for m in models if m == "LLMGen"]
     if requests and ("LLMGen" not in ordered or len(ordered) < 2):
         raise ValueError("requests: the request protocol needs LLMGen and a classic model in models")
     rows: list[dict] = []
     specs: dict[str, dict] = {}
     for index, model in enumerate(ordered, 1):
-        config = model_config(model, dataset, protocol, overrides, out, config_files)
+        recbole_model = "LLMGen" if model == TEXT_RETRIEVER else model
+        config = model_config(recbole_model, dataset, protocol, overrides, out, config_files)
         if data_path is not None:  # the regime's copy of the data, for every model
             config["data_path"] = data_path
-        if model == "LLMGen" and "candidate_source" not in {*overrides, *file_keys(config_files, model)}:
-            best = best_classic(rows)
+        if model == TEXT_RETRIEVER:
+            config.update(TEXT_RETRIEVER_CONFIG)
+        if model == "LLMGen" and choose_candidates:
+            best = best_candidate(rows)
             if best is not None:
-                config["candidate_source"] = best["model_file"]
-        spec = {"model": model, "dataset": dataset, "config": config, "config_files": config_files}
+                config["candidate_source"] = candidate_source_of(best)
+        spec = {"model": recbole_model, "dataset": dataset, "config": config, "config_files": config_files}
+        if model != recbole_model:
+            spec["name"] = model
         spec["users_file"] = os.path.abspath(per_user.users_file(os.path.join(out, "runs", model)))
         if sample is not None:
             spec["eval_users"] = sample["users"]
@@ -620,6 +658,8 @@ def row_label(row: dict) -> str:
         notes.append(how_llmgen_ranks(row))
         if (row.get("processes") or 1) > 1:
             notes.append(f"{row['processes']} processes")
+    if row["model"] == TEXT_RETRIEVER:
+        notes.append("sentence-encoder similarity to the history, no LLM")
     if row.get("stopped_by") == "cap" and row.get("epoch_cap"):
         notes.append(f"capped at {row['epoch_cap']} epoch{'s' if row['epoch_cap'] != 1 else ''}")
     return f"{row['model']} ({'; '.join(notes)})" if notes else row["model"]
@@ -656,7 +696,7 @@ def add_intervals(rows: list[dict], out: str, meta: dict | None = None) -> None:
                 meta["users"] = users = None  # RecBole filtered the data: the file's counts do not apply
     if regime.selects_users:
         frames = {name: frame.loc[users.index] for name, frame in frames.items()}
-    best = best_classic(rows)
+    best = best_candidate(rows)
     for row in rows:
         frame = frames.get(row_name(row))
         if frame is None:

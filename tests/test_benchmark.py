@@ -17,34 +17,66 @@ def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
     broken = bench_overrides(toy_config_dict, llm_path=str(tmp_path / "no-such-model"))
     rows = benchmark.run_benchmark("toy", models, "full", None, broken, out, log=lambda m: None,
                                    runner=benchmark.run_in_process)  # fmt: skip
-    assert [r["model"] for r in rows] == ["Pop", "BPR", "SASRec", "LLMGen"]
-    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
+    # the text retriever, a row of its own, runs before LLMGen: a candidate source to choose from
+    assert [r["model"] for r in rows] == ["Pop", "BPR", "SASRec", "TextRetriever", "LLMGen"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed", "failed"]
     assert "llm_path" in rows[-1]["error"]
     for name in ("benchmark.csv", "benchmark.md", "benchmark.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "benchmark.csv"), encoding="utf-8") as f:
         table = list(csv.DictReader(f))
-    assert [r["model"] for r in table] == models
+    assert [r["model"] for r in table] == ["Pop", "BPR", "SASRec", "TextRetriever", "LLMGen"]
     assert all(float(r["test_ndcg@10"]) >= 0 for r in table[:3])
     markdown = open(os.path.join(out, "benchmark.md"), encoding="utf-8").read()
-    assert markdown.count("\n| ") == 5 and "failed: " in markdown
+    assert markdown.count("\n| ") == 6 and "failed: " in markdown
 
-    # second run: the three classic models are reused, only LLMGen runs (now with a model)
+    # second run: the three classic models are reused, only the LLM rows run (now with a model)
     seen = []
 
     def runner(spec, log_path):
-        seen.append(spec["model"])
+        seen.append(spec.get("name", spec["model"]))
         return benchmark.run_in_process(spec, log_path)
 
     rows2 = benchmark.run_benchmark("toy", models, "full", None, bench_overrides(toy_config_dict), out,
                                     log=lambda m: None, runner=runner)  # fmt: skip
-    assert seen == ["LLMGen"]
-    assert [r["status"] for r in rows2] == ["ok"] * 4
+    assert seen == ["TextRetriever", "LLMGen"]
+    assert [r["status"] for r in rows2] == ["ok"] * 5
     assert rows2[:3] == rows[:3]
-    best = max(rows2[:3], key=lambda r: r["best_valid_score"])
-    assert rows2[3]["candidate_source"] == best["model_file"]  # reranks the best classic model
-    assert rows2[3]["trainable_parameters"] == 0 and rows2[3]["total_parameters"] > 0
-    assert "valid_ndcg@10" not in rows2[3]  # zero-shot: the valid split is skipped unless llm_valid
+    best = max(rows2[:4], key=lambda r: r["best_valid_score"])  # a tie would go to the classic model
+    expected = "text" if best["model"] == "TextRetriever" else best["model_file"]
+    assert rows2[4]["candidate_source"] == expected  # reranks the best candidate source on valid
+    assert rows2[4]["trainable_parameters"] == 0 and rows2[4]["total_parameters"] > 0
+    assert "valid_ndcg@10" not in rows2[4]  # zero-shot: the valid split is skipped unless llm_valid
+
+
+def test_the_text_retriever_is_chosen_when_it_validates_best(toy_config_dict, tmp_path):
+    """LLMGen's default candidate source is chosen on the valid split among the classic models and
+    the text retriever; the retriever's row is the text ranking alone (no LLM), a baseline."""
+
+    def runner(spec, log_path):
+        row = benchmark.run_in_process(spec, log_path)
+        if spec["model"] != "LLMGen":  # classic models that validate worse than the text retriever
+            row["best_valid_score"] = -1.0
+        return row
+
+    out = str(tmp_path / "bench")
+    rows = benchmark.run_benchmark("toy", ["Pop", "BPR", "LLMGen"], "full", None, bench_overrides(toy_config_dict),
+                                   out, log=lambda m: None, runner=runner)  # fmt: skip
+    by_model = {r["model"]: r for r in rows}
+    text, llm = by_model["TextRetriever"], by_model["LLMGen"]
+    assert [r["model"] for r in rows] == ["Pop", "BPR", "TextRetriever", "LLMGen"]
+    assert text["status"] == "ok" and text["best_valid_score"] is not None and text["variant"] == ""
+    assert text["candidate_source"] == "text" and text["fusion_weight"] == 0.0 and text["trainable_parameters"] == 0
+    assert llm["candidate_source"] == "text" and llm["compared_to"] == "TextRetriever"
+    labels = [benchmark.row_label(r) for r in rows]
+    assert "TextRetriever (sentence-encoder similarity to the history, no LLM)" in labels
+    assert "reranks the text retriever's top" in benchmark.row_label(llm)
+    assert os.path.isfile(os.path.join(out, "runs", "TextRetriever.users.csv"))
+    # a candidate source the user sets: no retriever row, no choice
+    rows = benchmark.run_benchmark("toy", ["Pop", "LLMGen"], "full", None,
+                                   bench_overrides(toy_config_dict, candidate_source="pop"), str(tmp_path / "set"),
+                                   log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
+    assert [r["model"] for r in rows] == ["Pop", "LLMGen"] and rows[1]["candidate_source"] == "pop"
 
 
 def test_uni19_protocol_and_config_changes_rerun(toy_config_dict, tmp_path):
