@@ -4,22 +4,13 @@ as the library's own logits."""
 import pytest
 import torch
 from conftest import build
+from test_sequence import _list as _sequence_list
 
 from recbole_llmgen import finetune, sequence
 
 
 def _list(config_dict, **extra):
-    return {
-        **config_dict,
-        "prompt_format": "list",
-        "llm_train_objective": "sequence",
-        "train_mode": "lora",
-        "lora_r": 4,
-        "lora_dropout": 0.0,
-        "max_history_items": 4,
-        "epochs": 1,
-        **extra,
-    }
+    return _sequence_list(config_dict, **{"lora_dropout": 0.0, **extra})  # the sequence objective, no dropout
 
 
 def _loss_and_grads(model, batch, autocast):
