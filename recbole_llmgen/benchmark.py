@@ -322,7 +322,11 @@ def run_safely(spec: dict) -> dict:
         return run_one(spec)
     except Exception as error:  # noqa: BLE001 -- a failed model is a row of the table
         traceback.print_exc()
-        return {"model": spec.get("name", spec["model"]), "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        return {
+            "model": spec.get("name", spec["model"]),
+            "status": "failed",
+            "error": f"{type(error).__name__}: {error}",
+        }
 
 
 def run_in_process(spec: dict, log_path: str) -> dict:
@@ -496,7 +500,8 @@ def run_benchmark(
         if model == TEXT_RETRIEVER:
             config.update(TEXT_RETRIEVER_CONFIG)
         if model == "LLMGen" and choose_candidates:
-            best = best_candidate(rows)
+            # the request protocol compares with the best classic model, reranking its candidates
+            best = best_classic(rows) if requests else best_candidate(rows)
             if best is not None:
                 config["candidate_source"] = candidate_source_of(best)
         spec = {"model": recbole_model, "dataset": dataset, "config": config, "config_files": config_files}
@@ -558,6 +563,8 @@ def run_requests(rows: list[dict], spec: dict | None, out: str, log: Callable[[s
         log("requests: skipped (LLMGen or every classic model failed)")
         return
     spec = {**spec, "model_file": llm.get("model_file") if (llm.get("trainable_parameters") or 0) > 0 else None}
+    # the protocol compares with the best classic model and reranks its candidates, whatever LLMGen's were
+    spec["config"] = {**spec["config"], "candidate_source": best["model_file"]}
     digest = f"{run_hash(spec)}-{spec['model_file']}-v{VERSION}"
     record = os.path.join(out, "runs", "requests.json")
     previous = _read(record)
@@ -874,15 +881,26 @@ def plot_curves(rows: list[dict], path: str) -> None:
     for row in curves:
         points = row["valid_curve"]
         epochs = [p["epoch"] + 1 for p in points]  # RecBole counts epochs from 0
-        name = textwrap.shorten(row_label(row), 48)
         if all(p.get("fused_ndcg@10") is not None for p in points):
             metric = "valid NDCG@10"
-            ax.plot(epochs, [p["fused_ndcg@10"] for p in points], marker="o", label=f"{name}: fused")
-            ax.plot(epochs, [p["llm_alone_ndcg@10"] for p in points], marker="s", linestyle="--", label="LLM alone")
+            fused = [p["fused_ndcg@10"] for p in points]
+            ax.plot(epochs, fused, marker="o", label="LLMGen fused (LLM weight chosen on valid each epoch)")
+            for x, y, p in zip(epochs, fused, points):
+                ax.annotate(f"w={p['fusion_weight']}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+            ax.plot(
+                epochs, [p["llm_alone_ndcg@10"] for p in points], marker="s", linestyle="--", label="LLMGen, LLM alone"
+            )
         else:
-            ax.plot(epochs, [p["valid"] for p in points], marker="o", label=name)
+            ax.plot(epochs, [p["valid"] for p in points], marker="o", label=textwrap.shorten(row_label(row), 48))
         if row.get("best_epoch") is not None:
             ax.axvline(row["best_epoch"] + 1, color="grey", linestyle=":", label=f"kept: epoch {row['best_epoch'] + 1}")
+    if metric == "valid NDCG@10":  # the other rows, for scale
+        for other in rows:
+            if other.get("model") != "LLMGen" and other.get("valid_ndcg@10") is not None:
+                ax.axhline(other["valid_ndcg@10"], linewidth=0.8, alpha=0.6, color="black", linestyle="-.")
+                ax.annotate(other["model"], (1, other["valid_ndcg@10"]), fontsize=7, xytext=(0, 2),
+                            textcoords="offset points")  # fmt: skip
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title("LLMGen learning curve (valid split)")

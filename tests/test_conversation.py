@@ -212,7 +212,7 @@ def test_request_protocol_rows(toy_config_dict, toy_root, tmp_path):
         benchmark.run_benchmark("toy", ["Pop"], "full", None, overrides, out, requests=True)
     rows = benchmark.run_benchmark("toy", ["Pop", "LLMGen"], "full", None, overrides, out, log=lambda m: None,
                                    runner=benchmark.run_in_process, requests=True)  # fmt: skip
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]  # Pop, the text retriever, LLMGen
     table = open(f"{out}/requests.md", encoding="utf-8").read()
     names = ["Pop (no request)", "Pop filtered to the requested genre", "LLMGen (no request)",
              "LLMGen with request (weight", "LLMGen with request, LLM order only (weight 0",

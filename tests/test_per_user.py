@@ -32,7 +32,8 @@ def test_per_user_values_reproduce_recbole_and_give_intervals(toy_config_dict, t
     out = str(tmp_path / "bench")
     rows = benchmark.run_benchmark("toy", ["Pop", "SASRec", "LLMGen"], protocol, None, bench_overrides(toy_config_dict),
                                    out, log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
-    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert [r["model"] for r in rows] == ["Pop", "SASRec", "TextRetriever", "LLMGen"]
+    assert [r["status"] for r in rows] == ["ok"] * 4
     users = None
     for row in rows:
         frame = per_user.read_users(os.path.join(out, "runs", row["model"]))
@@ -44,7 +45,7 @@ def test_per_user_values_reproduce_recbole_and_give_intervals(toy_config_dict, t
             assert round(frame[metric].mean(), 4) == row[f"test_{metric}"]  # RecBole's own average
         assert row["test_ndcg@10_low"] <= row["test_ndcg@10"] <= row["test_ndcg@10_high"]
     llm = rows[-1]
-    best = benchmark.best_classic(rows[:2])
+    best = benchmark.best_candidate(rows[:3])  # the classic models and the text retriever, by valid
     assert llm["compared_to"] == best["model"]
     assert abs(llm["diff_ndcg@10"] - (llm["test_ndcg@10"] - best["test_ndcg@10"])) < 2e-4  # paired, same users
     assert llm["diff_ndcg@10_low"] <= llm["diff_ndcg@10"] <= llm["diff_ndcg@10_high"]

@@ -136,7 +136,7 @@ def test_cold_users_are_the_mean_of_their_per_user_values(toy_config_dict, toy_r
     chosen = regime.check_regime(train_fraction=0.6, cold_users=2)
     rows = benchmark.run_benchmark("toy", ["Pop", "BPR", "LLMGen"], "full", None, bench_overrides(toy_config_dict), out,
                                    log=lambda m: None, runner=benchmark.run_in_process, regime=chosen)  # fmt: skip
-    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert [r["status"] for r in rows] == ["ok"] * 4  # the text retriever's row too
     for row in rows:
         frame = benchmark.per_user.read_users(os.path.join(out, "runs", row["model"]))
         assert len(frame) == 8  # every user evaluated by RecBole ...
@@ -157,7 +157,8 @@ def test_sweep_cells_equal_single_runs_and_are_reused(toy_config_dict, tmp_path)
     out = str(tmp_path / "sweep")
     rows = run_sweep("train_fraction", [0.3, 1.0], "toy", models, "full", None, overrides, out, log=lambda m: None,
                      runner=benchmark.run_in_process)  # fmt: skip
-    assert [(r["sweep_value"], r["row"]) for r in rows] == [(v, m) for v in (0.3, 1.0) for m in models]
+    names = ["Pop", "BPR", "TextRetriever", "LLMGen"]  # the text retriever's row before LLMGen
+    assert [(r["sweep_value"], r["row"]) for r in rows] == [(v, m) for v in (0.3, 1.0) for m in names]
     single = benchmark.run_benchmark("toy", models, "full", None, overrides, str(tmp_path / "single"),
                                      log=lambda m: None, runner=benchmark.run_in_process,
                                      regime=regime.check_regime(train_fraction=0.3))  # fmt: skip
@@ -165,11 +166,11 @@ def test_sweep_cells_equal_single_runs_and_are_reused(toy_config_dict, tmp_path)
                                     log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
     metrics = [k for k in single[0] if k.startswith("test_")]
     assert metrics
-    for cell, reference in ((rows[:3], single), (rows[3:], plain)):
+    for cell, reference in ((rows[:4], single), (rows[4:], plain)):
         for a, b in zip(cell, reference):
             assert {k: a[k] for k in metrics} == {k: b[k] for k in metrics}
             assert a["users"] == b["users"] == 8
-    assert rows[0]["avg_train_items"] == 3.0 and rows[3]["avg_train_items"] == 10.0
+    assert rows[0]["avg_train_items"] == 3.0 and rows[4]["avg_train_items"] == 10.0
     for name in ("sweep.csv", "sweep.md", "sweep.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     markdown = open(os.path.join(out, "sweep.md"), encoding="utf-8").read()
