@@ -4,8 +4,8 @@ A benchmark runs each model in its own process, whose output goes to the model's
 LLM row can run for most of an hour there. The worker reports where it is (stage, done, total)
 into a small JSON file named by the environment variable ``RECBOLE_LLMGEN_PROGRESS`` (at most
 once a second, overwritten in place: the log file is never flooded), and the benchmark's own
-process prints it to the console every ``PRINT_EVERY`` seconds and whenever the stage changes
-(:func:`watch`). Without the variable (a user's own ``run_recbole``) nothing is written.
+process prints it to the console whenever the stage changes, then every ``PRINT_EVERY`` seconds
+while it moves and every ``QUIET_EVERY`` seconds while it does not (:func:`watch`). Without the variable (a user's own ``run_recbole``) nothing is written.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 ENV = "RECBOLE_LLMGEN_PROGRESS"
 WRITE_EVERY = 1.0  # seconds between writes of the progress file
-PRINT_EVERY = 30.0  # seconds between console lines of the same stage
+PRINT_EVERY = 30.0  # seconds between console lines of a stage that moved
+QUIET_EVERY = 120.0  # seconds between console lines of a stage that did not (an epoch of a classic model)
 
 
 class Progress:
@@ -96,16 +97,23 @@ def read(path: str) -> dict | None:
 
 
 def watch(process: subprocess.Popen, path: str, console: Callable[[str], None], poll: float = 2.0) -> int:
-    """Wait for ``process``, printing its progress file to ``console`` when a stage starts and every
-    ``PRINT_EVERY`` seconds within a stage; returns its exit code."""
-    shown_stage, shown_at = None, 0.0
+    """Wait for ``process``, printing its progress file to ``console``: when a stage starts, then at
+    most every ``PRINT_EVERY`` seconds when it moved, and every ``QUIET_EVERY`` seconds when it did
+    not (with the time spent in the stage); returns its exit code."""
+    shown, shown_at, stage_at = None, 0.0, 0.0
     while process.poll() is None:
         time.sleep(poll)
         state = read(path)
         if not state:
             continue
         now = time.monotonic()
-        if state["stage"] != shown_stage or now - shown_at >= PRINT_EVERY:
-            console("    " + line(state))
-            shown_stage, shown_at = state["stage"], now
+        if shown is None or state["stage"] != shown["stage"]:
+            stage_at = now
+        elif now - shown_at < (PRINT_EVERY if state["done"] != shown["done"] else QUIET_EVERY):
+            continue
+        text = line(state)
+        if shown is not None and state["stage"] == shown["stage"] and state["done"] == shown["done"]:
+            text += f" ({now - stage_at:.0f} s in this stage)"
+        console("    " + text)
+        shown, shown_at = state, now
     return process.returncode

@@ -56,3 +56,24 @@ def test_training_and_evaluation_report_their_progress(toy_config_dict, tmp_path
     users = len(valid_data._dataset)
     assert evaluating and evaluating[-1][1:] == (users, users)
     assert trainer._full_sort_batch_eval.__func__ is LLMGenTrainer._full_sort_batch_eval  # unwrapped after
+
+
+def test_a_stage_that_does_not_move_is_not_repeated(tmp_path, monkeypatch):
+    path = tmp_path / "progress.json"
+    progress.Progress("SASRec: training", 3, "epochs at most", str(path))  # written once, never advanced
+
+    class Running:  # a process that polls as running 5 times, then exits
+        polls, returncode = 0, 0
+
+        def poll(self):
+            self.polls += 1
+            return None if self.polls <= 5 else 0
+
+    monkeypatch.setattr(progress, "PRINT_EVERY", 0.0)
+    lines = []
+    progress.watch(Running(), str(path), lines.append, poll=0.01)
+    assert lines == ["    SASRec: training: 0/3 epochs at most"]  # once, not every poll
+    monkeypatch.setattr(progress, "QUIET_EVERY", 0.0)
+    lines.clear()
+    progress.watch(Running(), str(path), lines.append, poll=0.01)
+    assert len(lines) == 5 and lines[1].endswith(" s in this stage)")  # a heartbeat says how long
