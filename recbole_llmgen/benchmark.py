@@ -5,10 +5,10 @@ dataset, leave-one-out split in time order, seed and columns. Each model runs in
 (a crash or an out-of-memory kill fails that row only, and its peak memory is its own); its
 result is kept in ``OUT/runs/<model>.json`` with a hash of everything that defines the run, so a
 rerun with the same OUT skips finished models. LLMGen reranks the candidates of the run's best
-classic model (by ``valid_metric``) unless ``candidate_source`` is given. Each model's per-user
-test metrics go to ``OUT/runs/<model>.users.csv``; the table gives bootstrap intervals over
-users and, per LLMGen row, the paired interval of its difference to the best classic model
-(:mod:`recbole_llmgen.per_user`). Writes ``OUT/benchmark.csv``, ``OUT/benchmark.md`` and
+candidate source by ``valid_metric``, a classic model or the text retriever (a row of its own,
+``TextRetriever``), unless ``candidate_source`` is given. Each model's per-user test metrics go to
+``OUT/runs/<model>.users.csv``; the table gives bootstrap intervals over users and, per LLMGen
+row, the paired interval of its difference to that candidate source (:mod:`recbole_llmgen.per_user`). Writes ``OUT/benchmark.csv``, ``OUT/benchmark.md`` and
 ``OUT/benchmark.png``.
 """
 
@@ -781,7 +781,7 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         f"RecBole evaluator. Valid = best validation epoch; test = that checkpoint. A zero-shot LLMGen "
         f"selects nothing on the valid split and is not evaluated there (valid '-'; --llm-valid does). "
         f"[low, high]: 95% bootstrap interval over the evaluated users ({per_user.RESAMPLES} resamples, "
-        f"seed {per_user.SEED}); LLMGen's difference to the best classic model (by validation) is paired "
+        f"seed {per_user.SEED}); LLMGen's difference to its candidate source (the best classic model or text retriever by validation) is paired "
         f"(the same resampled users for both); * = the interval excludes 0.\n\n{regime_line(meta)}"
         "| model | users | test NDCG@10 [95% CI] | test Hit@10 [95% CI] | test MRR@10 | valid NDCG@10 | valid Hit@10 "
         "| NDCG@10 difference [95% CI] | epochs (best) / stopped by | train s | test eval s | peak MB "
