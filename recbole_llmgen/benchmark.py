@@ -101,6 +101,11 @@ def model_config(
     return every_column_unless_set(dataset, with_data_path(config, config_files))
 
 
+def row_model(spec: dict) -> str:
+    """The name a run's row goes by: its own (``TextRetriever``) or its RecBole model's."""
+    return spec.get("name", spec["model"])
+
+
 def run_hash(spec: dict) -> str:
     """Everything that defines a run: model, dataset, config dict, config files' text, candidates."""
     # a file that sets nothing for this model (a section for another one) is no part of its run
@@ -207,7 +212,7 @@ def run_one(spec: dict) -> dict:
     frozen = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad) if hasattr(model, "llm") else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
-        "model": spec.get("name", spec["model"]),
+        "model": row_model(spec),
         "status": "ok",
         "variant": "fused" if fused and not spec.get("name") else "",
         "fusion_weight": model.fusion_weight if fused else None,
@@ -323,7 +328,7 @@ def run_safely(spec: dict) -> dict:
     except Exception as error:  # noqa: BLE001 -- a failed model is a row of the table
         traceback.print_exc()
         return {
-            "model": spec.get("name", spec["model"]),
+            "model": row_model(spec),
             "status": "failed",
             "error": f"{type(error).__name__}: {error}",
         }
@@ -349,7 +354,7 @@ def _worker(spec_path: str, result_path: str) -> None:
         except Exception as error:  # noqa: BLE001 -- a failed rank (the others were stopped) is a failed row
             traceback.print_exc()
             last = error_line(error)
-            row = {"model": spec.get("name", spec["model"]), "status": "failed", "error": f"{nproc} processes: {last}"}
+            row = {"model": row_model(spec), "status": "failed", "error": f"{nproc} processes: {last}"}
     else:
         row = run_safely(spec)
     with open(result_path, "w", encoding="utf-8") as f:
@@ -390,7 +395,7 @@ def run_in_subprocess(spec: dict, log_path: str, console: Callable[[str], None] 
             with open(result_path, encoding="utf-8") as f:
                 return json.load(f)
         return {
-            "model": spec.get("name", spec["model"]),
+            "model": row_model(spec),
             "status": "failed",
             "error": f"process exited with {returncode}; see {log_path}",
         }
