@@ -2,12 +2,17 @@
 
 import gzip
 import json
+import tracemalloc
+from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from recbole_llmgen.convert import ConversionError, CsvOptions, FilterOptions, convert
-from recbole_llmgen.convert.common import clean_text, k_core
+from recbole_llmgen.convert.common import Problems, clean_text
+from recbole_llmgen.convert.interactions import InteractionLog
+from recbole_llmgen.convert.movielens import _ratings
 
 
 def read_atomic(path):
@@ -157,15 +162,92 @@ def test_generic_csv_with_dates_and_items(tmp_path):
         )
 
 
+def interactions(rows):
+    log = InteractionLog(rating=False, timestamp=False)
+    for user, item in rows:
+        log.add(user, item)
+    return log.table()
+
+
+def pairs(table):
+    return [(table.user_names[u], table.item_names[i]) for u, i in zip(table.user, table.item)]
+
+
 def test_k_core_reaches_a_fixed_point():
     rows = [("u1", "a"), ("u1", "b"), ("u1", "c"), ("u2", "a"), ("u2", "b"), ("u3", "a"), ("u3", "d"), ("u4", "e")]
-    inter = pd.DataFrame(rows, columns=["user_id", "item_id"])
-    out, rounds = k_core(inter, 2, 2)
-    assert rounds >= 1
-    assert (out["user_id"].value_counts() >= 2).all() and (out["item_id"].value_counts() >= 2).all()
-    assert k_core(out, 2, 2)[1] == 0  # nothing more to remove
+    out, rounds = interactions(rows).k_core(2, 2)
+    users, items = zip(*pairs(out))
+    assert min(Counter(users).values()) >= 2 and min(Counter(items).values()) >= 2
+    assert out.k_core(2, 2)[1] == 0  # nothing more to remove
     # u3 loses d (1 interaction), then has only one item left and goes too: a second round
-    assert set(out["user_id"]) == {"u1", "u2"} and set(out["item_id"]) == {"a", "b"} and rounds == 2
+    assert set(users) == {"u1", "u2"} and set(items) == {"a", "b"} and rounds == 2
+
+
+def test_streamed_conversion_equals_the_whole_table_in_pandas(tmp_path):
+    """Dedup (first kept), threshold, iterated k-core and the sort, done on integer codes while
+    streaming, give the rows a pandas pipeline on the whole table gives."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    raw = pd.DataFrame(
+        {
+            "userId": rng.integers(0, 120, n).astype(str),
+            "movieId": (rng.zipf(1.6, n) % 300).astype(str),
+            "rating": rng.integers(1, 11, n) / 2,
+            "timestamp": rng.integers(0, 50, n),  # many ties: file order must break them
+        }
+    )
+    folder = tmp_path / "ml-latest"
+    folder.mkdir()
+    raw.to_csv(folder / "ratings.csv", index=False)
+    filters = FilterOptions(min_user_inter=5, min_item_inter=4, rating_threshold=2.0)
+    report = convert("movielens", [str(folder)], str(tmp_path / "out" / "x"), filters=filters)
+
+    expected = raw.rename(columns={"userId": "user_id", "movieId": "item_id"})
+    expected = expected.drop_duplicates(["user_id", "item_id"], keep="first")
+    expected = expected[expected["rating"] >= 2.0]
+    while True:
+        users = expected["user_id"].map(expected["user_id"].value_counts())
+        items = expected["item_id"].map(expected["item_id"].value_counts())
+        keep = (users >= 5) & (items >= 4)
+        if keep.all():
+            break
+        expected = expected[keep]
+    expected = expected.sort_values(["user_id", "timestamp"], kind="stable")
+    got = read_atomic(tmp_path / "out" / "x" / "x.inter")
+    assert len(got) == report.interactions and 0 < len(got) < n
+    assert got["user_id:token"].tolist() == expected["user_id"].tolist()
+    assert got["item_id:token"].tolist() == expected["item_id"].tolist()
+    assert got["rating:float"].astype(float).tolist() == expected["rating"].tolist()
+    assert got["timestamp:float"].astype(float).tolist() == expected["timestamp"].astype(float).tolist()
+    assert report.peak_mb > 0 and "peak memory:" in str(report)
+
+
+def test_streaming_holds_an_interaction_in_tens_of_bytes(tmp_path):
+    """The raw file is never held: 200,000 rating lines cost < 40 bytes each while read (a list of
+    parsed tuples of strings, the previous reader, costs ~250)."""
+    lines = [f"{u % 3000}::{(u * 7919) % 4000}::{1 + u % 5}::{978300000 + u}" for u in range(200_000)]
+    path = tmp_path / "ratings.dat"
+    path.write_text("\n".join(lines) + "\n")
+    tracemalloc.start()
+    log = _ratings(path, "::", "latin-1", Problems())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(log) == 200_000
+    assert peak / len(log) < 40, f"{peak / len(log):.0f} bytes per interaction"
+
+
+def test_amazon_metadata_of_unreviewed_items_is_skipped_whatever_the_order(tmp_path):
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps({"parent_asin": f"P{i}", "title": f"Lamp {i}"}) + "\n" for i in range(5)))
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text(
+        json.dumps({"user_id": "U1", "parent_asin": "P1", "rating": 4, "timestamp": 1600000000000}) + "\n"
+        + json.dumps({"user_id": "U1", "parent_asin": "P3", "rating": 5, "timestamp": 1600000001000}) + "\n"
+    )  # fmt: skip
+    report = convert("amazon", [str(meta), str(reviews)], str(tmp_path / "out" / "home"))  # metadata given first
+    items = read_atomic(tmp_path / "out" / "home" / "home.item")
+    assert items["item_id:token"].tolist() == ["P1", "P3"] and items["title:token_seq"].tolist() == ["Lamp 1", "Lamp 3"]
+    assert "metadata of 3 items without reviews skipped" in report.steps
 
 
 def test_clean_text():

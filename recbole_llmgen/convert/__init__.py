@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from recbole_llmgen.convert.amazon import read_amazon
 from recbole_llmgen.convert.common import (
@@ -15,7 +18,6 @@ from recbole_llmgen.convert.common import (
     FilterOptions,
     Problems,
     check_output,
-    filter_interactions,
     write_dataset,
 )
 from recbole_llmgen.convert.movielens import read_movielens
@@ -33,6 +35,7 @@ class ConversionReport:
     items_with_text: int
     problems: Problems
     steps: list[str] = field(default_factory=list)
+    peak_mb: float | None = None  # the converting process's peak resident memory
 
     def __str__(self) -> str:
         lines = [
@@ -41,6 +44,8 @@ class ConversionReport:
             *self.steps,
             self.problems.summary(),
         ]
+        if self.peak_mb is not None:
+            lines.append(f"peak memory: {self.peak_mb:,.0f} MB (this process)")
         return "\n".join(lines)
 
 
@@ -60,28 +65,39 @@ def convert(
         raise ConversionError(f"--input: {missing} do not exist")
     check_output(output, overwrite)  # before reading anything
     problems = Problems(strict=strict)
+    steps: list[str] = []
     if format == "movielens":
-        inter, items, types = read_movielens(inputs, problems)
+        log, items, types = read_movielens(inputs, problems)
     elif format == "amazon":
-        inter, items, types = read_amazon(inputs, problems)
+        log, items, types, steps = read_amazon(inputs, problems)
     else:
-        inter, items, types = read_csv(inputs, problems, csv_options or CsvOptions())
-    steps = [f"read {len(inter)} interactions"]
-    inter = filter_interactions(inter, filters or FilterOptions(), steps)
-    if inter.empty:
+        log, items, types = read_csv(inputs, problems, csv_options or CsvOptions())
+    steps.insert(0, f"read {len(log)} interactions")
+    inter = log.table().filtered(filters or FilterOptions(), steps)
+    if not len(inter):
         raise ConversionError(
             "no interactions left after filtering; lower --min-user-inter/--min-item-inter/--rating-threshold"
         )
-    if "timestamp" in inter:
-        inter = inter.sort_values(["user_id", "timestamp"], kind="stable")
+    inter = inter.sorted_by_user_and_time()
     path = write_dataset(output, inter, items, types, overwrite=overwrite)
-    kept = set(inter["item_id"])
+    kept = inter.kept_items()
     with_text = 0
     if items is not None:
         text_cols = [c for c, t in types.items() if t == "token_seq" and c in items][:1]
         if text_cols:
             with_text = int(items[items["item_id"].isin(kept)][text_cols[0]].astype(bool).sum())
-    return ConversionReport(path, len(inter), inter["user_id"].nunique(), len(kept), with_text, problems, steps)
+    users = len(np.unique(inter.user))
+    return ConversionReport(path, len(inter), users, len(kept), with_text, problems, steps, peak_memory_mb())
+
+
+def peak_memory_mb() -> float | None:
+    """The process's peak resident memory so far (Linux, macOS); None where it cannot be read."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 __all__ = ["convert", "ConversionError", "ConversionReport", "FilterOptions", "CsvOptions", "FORMATS"]

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 
 from recbole_llmgen.convert.common import ConversionError, Problems, as_token_seq, clean_text, parse_number, read_lines
+from recbole_llmgen.convert.interactions import InteractionLog
 
 # (user, item, rating, time, time divisor to seconds) per release
 REVIEW_KEYS = [
@@ -42,9 +43,20 @@ def _categories(record) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
+def _holds_reviews(path, problems: Problems) -> bool:
+    """Whether the file's first record is a review (a metadata file's first record is an item)."""
+    for _, record in _records(path, Problems()):
+        return any(keys[0] in record for keys in REVIEW_KEYS)
+    return False
+
+
 def read_amazon(inputs: list[str], problems: Problems):
-    inter_rows, item_rows = [], []
-    for path in inputs:
+    """Review files first (whatever the order given), then metadata: only the metadata of reviewed
+    items is kept, so a category's full metadata dump does not have to fit in memory."""
+    log, items, skipped = InteractionLog(), {}, 0
+    ordered = sorted(inputs, key=lambda path: not _holds_reviews(path, problems))
+    for path in ordered:
+        metadata_file = not _holds_reviews(path, problems)
         for number, record in _records(path, problems):
             keys = next((k for k in REVIEW_KEYS if k[0] in record), None)
             if keys is not None:
@@ -59,23 +71,26 @@ def read_amazon(inputs: list[str], problems: Problems):
                 stamp = parse_number(record[time_key], float, problems, path, number, time_key)
                 if rating is None or stamp is None:
                     continue
-                inter_rows.append((str(record[user_key]), str(record[item_key]), rating, stamp / divisor))
+                log.add(str(record[user_key]), str(record[item_key]), rating, stamp / divisor)
             elif "parent_asin" in record or "asin" in record:
-                item = record.get("parent_asin") or record.get("asin")
-                item_rows.append(
-                    {
-                        "item_id": str(item),
-                        "title": clean_text(record.get("title", "")),
-                        "brand": clean_text(record.get("brand", record.get("store", ""))),
-                        "categories": as_token_seq(_categories(record)),
-                    }
-                )
+                item = str(record.get("parent_asin") or record.get("asin"))
+                if item in items:
+                    continue  # the first record of an item is kept
+                if metadata_file and len(log) and item not in log.items:
+                    skipped += 1
+                    continue
+                items[item] = {
+                    "item_id": item,
+                    "title": clean_text(record.get("title", "")),
+                    "brand": clean_text(record.get("brand", record.get("store", ""))),
+                    "categories": as_token_seq(_categories(record)),
+                }
             else:
                 problems.add("missing key", path, number, "neither a review nor an item")
-    if not inter_rows:
+    if not len(log):
         raise ConversionError(
             f"--input: no Amazon reviews found in {inputs} (keys reviewerID/asin or user_id/parent_asin)"
         )
-    inter = pd.DataFrame(inter_rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    items = pd.DataFrame(item_rows).drop_duplicates("item_id", keep="first") if item_rows else None
-    return inter, items, ITEM_TYPES
+    frame = pd.DataFrame(list(items.values())) if items else None
+    steps = [f"metadata of {skipped} items without reviews skipped"] if skipped else []
+    return log, frame, ITEM_TYPES, steps

@@ -1,5 +1,5 @@
-"""What every converter shares: reading raw lines, counting malformed rows, cleaning text,
-filtering interactions and writing RecBole atomic files safely."""
+"""What every converter shares: reading raw lines, counting malformed rows, cleaning text and
+writing RecBole atomic files safely (the interactions themselves: interactions.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from recbole_llmgen.convert.interactions import InteractionTable
 
 SHOWN_LINES = 5
 
@@ -122,40 +126,7 @@ class FilterOptions:
     dedup: bool = True
 
 
-def filter_interactions(inter: pd.DataFrame, options: FilterOptions, log: list[str]) -> pd.DataFrame:
-    """Dedup (keep the first of repeated user-item pairs), threshold, then iterated k-core."""
-    if options.dedup:
-        before = len(inter)
-        inter = inter.drop_duplicates(subset=["user_id", "item_id"], keep="first")
-        log.append(f"duplicates removed: {before - len(inter)}")
-    if options.rating_threshold is not None:
-        if "rating" not in inter:
-            raise ConversionError("--rating-threshold: the interactions have no rating column")
-        before = len(inter)
-        inter = inter[inter["rating"] >= options.rating_threshold]
-        log.append(f"below rating threshold {options.rating_threshold}: {before - len(inter)} removed")
-    inter, rounds = k_core(inter, options.min_user_inter, options.min_item_inter)
-    if options.min_user_inter or options.min_item_inter:
-        log.append(f"k-core (users >= {options.min_user_inter}, items >= {options.min_item_inter}): {rounds} round(s)")
-    return inter.reset_index(drop=True)
-
-
-def k_core(inter: pd.DataFrame, min_user: int, min_item: int) -> tuple[pd.DataFrame, int]:
-    """Remove users/items below the minimums until none is left below (a fixed point)."""
-    rounds = 0
-    while True:
-        users = inter["user_id"].map(inter["user_id"].value_counts())
-        items = inter["item_id"].map(inter["item_id"].value_counts())
-        keep = (users >= min_user) & (items >= min_item)
-        if keep.all():
-            return inter, rounds
-        inter = inter[keep]
-        rounds += 1
-
-
 # ------------------------------------------------------------------------------ writing
-
-INTER_TYPES = {"user_id": "token", "item_id": "token", "rating": "float", "timestamp": "float"}
 
 
 def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
@@ -183,7 +154,7 @@ def _cell(value) -> str:
 
 def write_dataset(
     output: str | os.PathLike,
-    inter: pd.DataFrame,
+    inter: InteractionTable,
     items: pd.DataFrame | None,
     item_types: dict[str, str],
     overwrite: bool = False,
@@ -194,9 +165,9 @@ def write_dataset(
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=output.parent))
     try:
-        _write_atomic(inter, INTER_TYPES, staging / f"{name}.inter")
+        inter.write(staging / f"{name}.inter")
         if items is not None:
-            items = items[items["item_id"].isin(set(inter["item_id"]))]
+            items = items[items["item_id"].isin(inter.kept_items())]
             _write_atomic(items, {"item_id": "token", **item_types}, staging / f"{name}.item")
         if output.exists():
             shutil.rmtree(output)

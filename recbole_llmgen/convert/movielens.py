@@ -16,6 +16,7 @@ from recbole_llmgen.convert.common import (
     read_lines,
     split_title_year,
 )
+from recbole_llmgen.convert.interactions import InteractionLog
 
 ML100K_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -62,16 +63,16 @@ def _split_rows(path: Path, separator: str, encoding: str, columns: int, problem
         yield number, parts
 
 
-def _ratings(path: Path, separator: str, encoding: str, problems: Problems, header: bool = False) -> pd.DataFrame:
-    rows = []
+def _ratings(path: Path, separator: str, encoding: str, problems: Problems, header: bool = False) -> InteractionLog:
+    log = InteractionLog()
     for number, parts in _split_rows(path, separator, encoding, 4, problems, header):
         user, item, rating, timestamp = (p.strip() for p in parts)
         rating = parse_number(rating, float, problems, path, number, "rating")
         timestamp = parse_number(timestamp, float, problems, path, number, "timestamp") if rating is not None else None
         if rating is None or timestamp is None or not user or not item:
             continue
-        rows.append((user, item, rating, timestamp))
-    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+        log.add(user, item, rating, timestamp)
+    return log
 
 
 def _items(rows: list[tuple[str, str, list[str]]]) -> pd.DataFrame:

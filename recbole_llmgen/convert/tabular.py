@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from recbole_llmgen.convert.common import ConversionError, Problems, clean_text, parse_number, read_lines
+from recbole_llmgen.convert.interactions import InteractionLog
 
 
 @dataclass
@@ -60,7 +61,7 @@ def read_csv(inputs: list[str], problems: Problems, options: CsvOptions):
     if len(inputs) != 1:
         raise ConversionError(f"--input: the csv format takes one interactions file (items via --items), got {inputs}")
     path = inputs[0]
-    rows = []
+    log = InteractionLog(rating=bool(options.rating_col), timestamp=bool(options.time_col))
     checked = False
     for number, row, header in _rows(path, options, problems):
         if not checked:
@@ -71,21 +72,16 @@ def read_csv(inputs: list[str], problems: Problems, options: CsvOptions):
         if not user or not item:
             problems.add("missing id", path, number)
             continue
-        record = {"user_id": user, "item_id": item}
+        rating = timestamp = None
         if options.rating_col:
-            record["rating"] = parse_number(row[options.rating_col], float, problems, path, number, options.rating_col)
-            if record["rating"] is None:
+            rating = parse_number(row[options.rating_col], float, problems, path, number, options.rating_col)
+            if rating is None:
                 continue
         if options.time_col:
-            record["timestamp"] = _timestamp(row[options.time_col], problems, path, number, options.time_col)
-            if record["timestamp"] is None:
+            timestamp = _timestamp(row[options.time_col], problems, path, number, options.time_col)
+            if timestamp is None:
                 continue
-        rows.append(record)
-    inter = pd.DataFrame(
-        rows,
-        columns=["user_id", "item_id"]
-        + [c for c in ("rating", "timestamp") if (options.rating_col if c == "rating" else options.time_col)],
-    )
+        log.add(user, item, rating, timestamp)
     items, types = None, {}
     if options.items:
         id_col = options.item_id_col or options.item_col
@@ -103,4 +99,4 @@ def read_csv(inputs: list[str], problems: Problems, options: CsvOptions):
             records.append({"item_id": row[id_col].strip(), **{c: clean_text(row[c]) for c in options.text_cols}})
         items = pd.DataFrame(records, columns=["item_id", *options.text_cols]).drop_duplicates("item_id", keep="first")
         types = {c: "token_seq" for c in options.text_cols}
-    return inter, items, types
+    return log, items, types
