@@ -18,8 +18,8 @@ from recbole_llmgen.convert.common import (
     FilterOptions,
     Problems,
     check_output,
-    write_dataset,
 )
+from recbole_llmgen.convert.interactions import write_dataset
 from recbole_llmgen.convert.movielens import read_movielens
 from recbole_llmgen.convert.tabular import CsvOptions, read_csv
 

@@ -8,19 +8,13 @@ import html
 import math
 import os
 import re
-import shutil
-import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
-
-if TYPE_CHECKING:
-    from recbole_llmgen.convert.interactions import InteractionTable
 
 SHOWN_LINES = 5
 
@@ -136,7 +130,7 @@ def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
     return output
 
 
-def _write_atomic(frame: pd.DataFrame, types: dict[str, str], path: Path) -> None:
+def write_atomic(frame: pd.DataFrame, types: dict[str, str], path: Path) -> None:
     columns = [c for c in frame.columns if c in types]
     header = "\t".join(f"{c}:{types[c]}" for c in columns)
     body = frame[columns].astype(object).where(frame[columns].notna(), "")
@@ -150,29 +144,3 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else (str(int(value)) if value.is_integer() else repr(value))
     return str(value)
-
-
-def write_dataset(
-    output: str | os.PathLike,
-    inter: InteractionTable,
-    items: pd.DataFrame | None,
-    item_types: dict[str, str],
-    overwrite: bool = False,
-) -> Path:
-    """Write NAME.inter (+ NAME.item) into ``output`` (NAME = the folder name), atomically."""
-    output = check_output(output, overwrite)
-    name = output.name
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=output.parent))
-    try:
-        inter.write(staging / f"{name}.inter")
-        if items is not None:
-            items = items[items["item_id"].isin(inter.kept_items())]
-            _write_atomic(items, {"item_id": "token", **item_types}, staging / f"{name}.item")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return output

@@ -9,13 +9,17 @@ Deduplication, the rating threshold, k-core and the sort are array operations on
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from recbole_llmgen.convert.common import ConversionError, FilterOptions
+from recbole_llmgen.convert.common import ConversionError, FilterOptions, check_output, write_atomic
 
 INTER_TYPES = {"user_id": "token", "item_id": "token", "rating": "float", "timestamp": "float"}
 WRITE_CHUNK_ROWS = 200_000
@@ -165,3 +169,29 @@ def format_float(value: float) -> str:
     if math.isnan(value):
         return ""
     return str(int(value)) if value.is_integer() else repr(value)
+
+
+def write_dataset(
+    output: str | os.PathLike,
+    inter: InteractionTable,
+    items: pd.DataFrame | None,
+    item_types: dict[str, str],
+    overwrite: bool = False,
+) -> Path:
+    """Write NAME.inter (+ NAME.item) into ``output`` (NAME = the folder name), atomically."""
+    output = check_output(output, overwrite)
+    name = output.name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=output.parent))
+    try:
+        inter.write(staging / f"{name}.inter")
+        if items is not None:
+            items = items[items["item_id"].isin(inter.kept_items())]
+            write_atomic(items, {"item_id": "token", **item_types}, staging / f"{name}.item")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output
