@@ -118,6 +118,8 @@ def run_hash(spec: dict) -> str:
     parts = [spec["model"], spec["dataset"], spec["config"], files, stamp, spec.get("llm_valid", False)]
     if spec.get("name"):  # a row of its own built from another model (the text retriever)
         parts.append(spec["name"])
+    if spec.get("eval_users"):  # another sample of users is another run (its rows are never reused)
+        parts.append(spec["eval_users"])
     if spec.get("nproc", 1) > 1:  # same metrics, other times: a rerun with another nproc is a new row
         parts.append(spec["nproc"])
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -340,6 +342,9 @@ def run_in_process(spec: dict, log_path: str) -> dict:
 
 
 def _worker(spec_path: str, result_path: str) -> None:
+    from recbole_llmgen.distributed import exit_with_parent
+
+    exit_with_parent()  # a killed benchmark leaves no model running
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
     nproc = int(spec.get("nproc", 1))
@@ -368,8 +373,9 @@ def error_line(error: BaseException) -> str:
 
 def _rank_worker(local_rank: int, spec: dict, result_path: str, port: str) -> None:
     """One of ``spec['nproc']`` processes (same metrics as one, see ``distributed``); rank 0 writes."""
-    from recbole_llmgen.distributed import rank_config, share_cpus
+    from recbole_llmgen.distributed import exit_with_parent, rank_config, share_cpus
 
+    exit_with_parent()
     nproc = int(spec["nproc"])
     share_cpus(nproc)
     row = run_one({**spec, "config": rank_config(spec["config"], local_rank, nproc, port)})
@@ -515,6 +521,7 @@ def run_benchmark(
         spec["users_file"] = os.path.abspath(per_user.users_file(os.path.join(out, "runs", model)))
         if sample is not None:
             spec["eval_users"] = sample["users"]
+            spec["eval_users_of"], spec["eval_users_seed"] = sample["of"], sample["seed"]
         if model == "LLMGen" and llm_valid:
             spec["llm_valid"] = True
         if model == "LLMGen" and llm_nproc > 1:

@@ -389,9 +389,27 @@ def share_cpus(nproc: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, nproc)))
 
 
+def exit_with_parent(every_s: float = 2.0) -> None:
+    """End this process when the one that started it is gone (killed, not only interrupted): a
+    spawned rank must not train on for an hour, holding the cores, after its benchmark was stopped."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _spawned(local_rank, model, dataset, config_file_list, config_dict, saved, queue):
     """Entry point of one spawned rank: imports the plugin, then RecBole's run_recbole."""
     from recbole.quick_start import quick_start
+
+    exit_with_parent()
 
     import recbole_llmgen  # noqa: F401  (registers LLMGen and installs the fixes in this process)
     from recbole_llmgen.integration import recbole_argv

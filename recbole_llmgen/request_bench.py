@@ -145,13 +145,22 @@ def run_request_protocol(spec: dict, out: str, classic_name: str) -> list[dict]:
     the protocol on valid (weight) and test, write the files, return the rows."""
     from recbole.utils import init_logger
 
-    from recbole_llmgen.integration import build_config, build_model, load_checkpoint, load_data, recbole_argv
+    from recbole_llmgen.integration import (
+        build_config,
+        build_model,
+        load_checkpoint,
+        load_data,
+        only_users,
+        recbole_argv,
+    )
 
     with recbole_argv([]):
         config = build_config("LLMGen", spec["dataset"], spec["config"], spec.get("config_files"))
     init_logger(config)
     field, seed = config["request_field"] or "class", int(config["seed"])
     train_data, valid_data, test_data = load_data(config)
+    if spec.get("eval_users"):  # the benchmark's seeded sample: the same users as every row of its table
+        valid_data, test_data = only_users(valid_data, spec["eval_users"]), only_users(test_data, spec["eval_users"])
     model = build_model(config, train_data)
     if spec.get("model_file"):  # a trained LLMGen: its checkpoint's weights and fusion weight
         checkpoint = load_checkpoint(spec["model_file"], map_location=model.device)
@@ -189,7 +198,9 @@ def run_request_protocol(spec: dict, out: str, classic_name: str) -> list[dict]:
         row["diff_ndcg@10"], row["diff_ndcg@10_low"], row["diff_ndcg@10_high"] = (
             round(mean, 4), round(low, 4), round(high, 4))  # fmt: skip
         rows.append(row)
-    write_request_outputs(rows, values, test, out, {"grid": grid, "field": field,
+    sample = f"{len(test['users'])} users" if not spec.get("eval_users") else (
+        f"{len(test['users'])} of {spec.get('eval_users_of', '?')} users, a seeded sample, seed {spec.get('eval_users_seed', '?')}")  # fmt: skip
+    write_request_outputs(rows, values, test, out, {"grid": grid, "field": field, "users": sample,
                                                     "classic": classic_name, "dataset": spec["dataset"]})  # fmt: skip
     return rows
 
@@ -206,7 +217,7 @@ def write_request_outputs(rows: list[dict], values: dict, test: dict, out: str, 
     frame.to_csv(os.path.join(out, "runs", "requests.users.csv"), index=False)
     grid = "; ".join(f"w {w:g} focus {f:g}: {v:.4f}" for (w, f), v in meta["grid"].items())
     lines = [
-        f"Request protocol on {meta['dataset']} (test split, full ranking, {rows[0]['users']} users): each user asks "
+        f"Request protocol on {meta['dataset']} (test split, full ranking, {meta['users']}): each user asks "
         f"for one genre of their test target (the .item field `{meta['field']}`, drawn per user with a fixed seed, "
         f'in fixed templates such as "{TEMPLATES[0].format(genre="comedy")}"); the target is never named. '
         f"match@10 = share of the top 10 with the requested genre. LLMGen's request_weight (w) and request_focus "

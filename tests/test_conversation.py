@@ -233,6 +233,19 @@ def test_request_protocol_rows(toy_config_dict, toy_root, tmp_path):
     filtered = users["Pop filtered to the requested genre | match@10"].dropna()
     assert (filtered > 0).all()
 
+    # --eval_users: the protocol evaluates the table's sample, each user exactly as in the whole run;
+    # in the same folder, so no row of the whole run may be reused for the sample
+    sampled = benchmark.run_benchmark("toy", ["Pop", "LLMGen"], "full", None, {**overrides, "eval_users": 3}, out,
+                                      log=lambda m: None, runner=benchmark.run_in_process, requests=True)  # fmt: skip
+    assert [r["users"] for r in sampled] == [3, 3, 3]
+    assert list(pd.read_csv(f"{out}/requests.csv")["users"]) == [3] * 6
+    assert "(test split, full ranking, 3 of 8 users, a seeded sample, seed 2020)" in open(f"{out}/requests.md").read()
+    part = pd.read_csv(f"{out}/runs/requests.users.csv").set_index("user_id")
+    assert set(part.index) == set(benchmark.per_user.read_users(f"{out}/runs/Pop").index)
+    whole = users.set_index("user_id").loc[part.index]
+    for column in ("Pop filtered to the requested genre | ndcg@10", "LLMGen (no request) | ndcg@10"):
+        assert part[column].tolist() == pytest.approx(whole[column].tolist()), column
+
 
 @pytest.mark.parametrize("method", ["verbalizer", "generate"])
 def test_every_score_method_takes_a_request(toy_config_dict, method):

@@ -294,3 +294,43 @@ def test_an_error_writing_on_rank_zero_reaches_every_rank(tmp_path):
     mp.spawn(_failing_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank0.txt").read_text() == "OSError: disk full"
     assert (tmp_path / "rank1.txt").read_text() == "RuntimeError: rank 0 failed: OSError: disk full"
+
+
+def test_a_rank_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    """A killed benchmark leaves no rank behind holding the cores (it trained on for 28 minutes)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing as mp, sys, time\n"
+        "def rank():\n"
+        "    from recbole_llmgen.distributed import exit_with_parent\n"
+        "    exit_with_parent(every_s=0.2)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    child = mp.get_context('spawn').Process(target=rank)\n"
+        "    child.start()\n"
+        "    print(child.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "ready"  # the rank watches its parent
+    os.kill(child, 0)  # alive while its parent is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return  # gone (reaped by init)
+        if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            return  # exited, not yet reaped
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the rank outlived its killed parent by 60 s")
