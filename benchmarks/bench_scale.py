@@ -19,8 +19,10 @@ Stages, each a fresh Python process (peak = that process's peak resident memory)
   llmgen_train  LLMGen LoRA: building the epoch's training windows, then --train-steps optimizer steps
                 (after a warm-up step; llmgen_eval likewise after 8 warm-up users)
 One JSON line per size ({"interactions", "users", "items", "<stage>_s", "<stage>_peak_mb", ...}),
-then one line of slopes (log-log least squares of seconds against interactions, per stage), and
-``scale.png`` (cost against size, log-log) in --out.
+kept in --out/scale.jsonl with the sizes measured there before (a size run again replaces its row:
+sizes and stages can be run separately), then one line of slopes (log-log least squares of seconds
+against interactions, per stage, over every size in scale.jsonl) and ``scale.png`` (cost and peak
+memory against size, log-log) in --out.
 
     python benchmarks/bench_scale.py [--sizes 100000,1000000,10000000] [--eval-users 1000] [--out DIR]
 """
@@ -307,6 +309,8 @@ def main() -> None:
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         parser.error(f"--stages: {unknown} are not among {', '.join(STAGES)}")
+    record = work / "scale.jsonl"  # every size measured in this folder: a size run again replaces its row
+    kept = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         row = {"size": size}
@@ -339,10 +343,12 @@ def main() -> None:
         row.setdefault("interactions", size)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    fitted = slopes(rows)
-    print(json.dumps({"slopes": fitted, "sizes": [r["interactions"] for r in rows]}), flush=True)
-    if len(rows) >= 2:
-        plot(rows, fitted, work / "scale.png")
+        kept = sorted([r for r in kept if r["size"] != size] + [row], key=lambda r: r["size"])
+        record.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    fitted = slopes(kept)
+    print(json.dumps({"slopes": fitted, "sizes": [r["interactions"] for r in kept]}), flush=True)
+    if len(kept) >= 2:
+        plot(kept, fitted, work / "scale.png")
 
 
 if __name__ == "__main__":

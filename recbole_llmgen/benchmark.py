@@ -384,6 +384,15 @@ def _rank_worker(local_rank: int, spec: dict, result_path: str, port: str) -> No
             json.dump(row, f)
 
 
+def named(console: Callable[[str], None], spec: dict) -> Callable[[str], None]:
+    """The console of a row built from another model: its stages go by the row's name (the text
+    retriever's evaluation says ``TextRetriever: evaluating``, not ``LLMGen: evaluating``)."""
+    name, model = row_model(spec), spec["model"]
+    if name == model:
+        return console
+    return lambda text: console(text.replace(f"{model}:", f"{name}:", 1))
+
+
 def run_in_subprocess(spec: dict, log_path: str, console: Callable[[str], None] | None = None) -> dict:
     """Run one model in a fresh Python process; a crash becomes a failed row. Its output goes to
     ``log_path``; with ``console``, its progress (:mod:`recbole_llmgen.progress`) is printed there."""
@@ -396,7 +405,7 @@ def run_in_subprocess(spec: dict, log_path: str, console: Callable[[str], None] 
         env = {**os.environ, progress.ENV: progress_path}
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env)
-            returncode = progress.watch(process, progress_path, console or (lambda _: None))
+            returncode = progress.watch(process, progress_path, named(console or (lambda _: None), spec))
         if os.path.isfile(result_path):
             with open(result_path, encoding="utf-8") as f:
                 return json.load(f)

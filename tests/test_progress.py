@@ -77,3 +77,13 @@ def test_a_stage_that_does_not_move_is_not_repeated(tmp_path, monkeypatch):
     lines.clear()
     progress.watch(Running(), str(path), lines.append, poll=0.01)
     assert len(lines) == 5 and lines[1].endswith(" s in this stage)")  # a heartbeat says how long
+
+
+def test_a_row_built_from_another_model_shows_its_own_name():
+    from recbole_llmgen import benchmark
+
+    lines = []
+    console = benchmark.named(lines.append, {"model": "LLMGen", "name": "TextRetriever"})
+    console("    LLMGen: evaluating: 5/10 users")
+    assert lines == ["    TextRetriever: evaluating: 5/10 users"]
+    assert benchmark.named(lines.append, {"model": "LLMGen"}) is lines.append  # its own row: unchanged
