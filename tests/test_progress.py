@@ -86,4 +86,5 @@ def test_a_row_built_from_another_model_shows_its_own_name():
     console = benchmark.named(lines.append, {"model": "LLMGen", "name": "TextRetriever"})
     console("    LLMGen: evaluating: 5/10 users")
     assert lines == ["    TextRetriever: evaluating: 5/10 users"]
-    assert benchmark.named(lines.append, {"model": "LLMGen"}) is lines.append  # its own row: unchanged
+    append = lines.append
+    assert benchmark.named(append, {"model": "LLMGen"}) is append  # its own row: unchanged
