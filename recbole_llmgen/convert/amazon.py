@@ -43,7 +43,7 @@ def _categories(record) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def _holds_reviews(path, problems: Problems) -> bool:
+def _holds_reviews(path) -> bool:
     """Whether the file's first record is a review (a metadata file's first record is an item)."""
     for _, record in _records(path, Problems()):
         return any(keys[0] in record for keys in REVIEW_KEYS)
@@ -54,9 +54,9 @@ def read_amazon(inputs: list[str], problems: Problems):
     """Review files first (whatever the order given), then metadata: only the metadata of reviewed
     items is kept, so a category's full metadata dump does not have to fit in memory."""
     log, items, skipped = InteractionLog(), {}, 0
-    ordered = sorted(inputs, key=lambda path: not _holds_reviews(path, problems))
-    for path in ordered:
-        metadata_file = not _holds_reviews(path, problems)
+    reviews = {path: _holds_reviews(path) for path in inputs}  # peeks at each file's first record once
+    for path in sorted(inputs, key=lambda path: not reviews[path]):
+        metadata_file = not reviews[path]
         for number, record in _records(path, problems):
             keys = next((k for k in REVIEW_KEYS if k[0] in record), None)
             if keys is not None:
