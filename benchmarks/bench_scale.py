@@ -16,11 +16,13 @@ Stages, each a fresh Python process (peak = that process's peak resident memory)
   sasrec_epoch  SASRec's training epoch, estimated from --sasrec-batches timed batches (sizes up to
                 --sasrec-up-to)
   llmgen_eval   LLMGen zero-shot reranking of Pop's top 10, on a seeded sample of --eval-users test users
+                (--users-slope: also on its first quarter and half: seconds ~ users^b, b in the row)
   llmgen_train  LLMGen LoRA: building the epoch's training windows, then --train-steps optimizer steps
                 (after a warm-up step; llmgen_eval likewise after 8 warm-up users)
 One JSON line per size ({"interactions", "users", "items", "<stage>_s", "<stage>_peak_mb", ...}),
-kept in --out/scale.jsonl with the sizes measured there before (a size run again replaces its row:
-sizes and stages can be run separately), then one line of slopes (log-log least squares of seconds
+kept in --out/scale.jsonl with the sizes measured there before (a stage run again replaces that
+stage's figures of its size: sizes and stages can be run separately; each row names the machine,
+the LLM stages their dtype), then one line of slopes (log-log least squares of seconds
 against interactions, per stage, over every size in scale.jsonl) and ``scale.png`` (cost and peak
 memory against size, log-log) in --out.
 
@@ -188,13 +190,24 @@ def stage(name: str, size: int, work: Path, args) -> dict:
         model = build_model(config, train)
         trainer = get_trainer(config["MODEL_TYPE"], "LLMGen")(config, model)
         trainer.evaluate(only_users(test, sample[:8]), load_best_model=False, show_progress=False)  # warm-up
-        test = only_users(test, sample)
         built = time.perf_counter()
-        init_seed(config["seed"], config["reproducibility"])
-        result = trainer.evaluate(test, load_best_model=False, show_progress=False)
-        seconds = time.perf_counter() - built
+        # --users-slope: the first quarter and half of the sample too, each evaluated alone (nested samples)
+        counts = [len(sample) // 4, len(sample) // 2, len(sample)] if args.users_slope else [len(sample)]
+        timed = {}
+        for count in (c for c in counts if c >= 1):
+            init_seed(config["seed"], config["reproducibility"])
+            begin = time.perf_counter()
+            result = trainer.evaluate(only_users(test, sample[:count]), load_best_model=False, show_progress=False)
+            timed[count] = time.perf_counter() - begin
+        seconds = timed[len(sample)]
+        extra = {}
+        if len(timed) >= 2:  # the exponent b in seconds ~ users^b
+            x, y = np.log(list(timed)), np.log(list(timed.values()))
+            extra = {"users_slope": round(float(np.polyfit(x, y, 1)[0]), 2),
+                     "s_at_users": {str(c): round(t, 1) for c, t in timed.items()}}  # fmt: skip
         return {"seconds": seconds, "build_s": built - start, "eval_users": len(sample),
-                "s_per_user": seconds / len(sample), "test_ndcg@10": round(float(result["ndcg@10"]), 4)}  # fmt: skip
+                "s_per_user": seconds / len(sample), "test_ndcg@10": round(float(result["ndcg@10"]), 4),
+                "llm_dtype": str(model.llm.dtype).removeprefix("torch."), **extra}  # fmt: skip
     if name == "llmgen_train":
         from recbole_llmgen import sequence
         from recbole_llmgen.integration import build_model
@@ -221,7 +234,8 @@ def stage(name: str, size: int, work: Path, args) -> dict:
         step_start = time.perf_counter()
         trainer._train_epoch(steps, 0)
         return {"seconds": time.perf_counter() - step_start, "build_s": built - start, "windows_s": windows_s,
-                "windows": len(windows.items), "steps": args.train_steps}  # fmt: skip
+                "windows": len(windows.items), "steps": args.train_steps,
+                "compute_dtype": str(model.autocast_dtype or model.llm.dtype).removeprefix("torch.")}  # fmt: skip
     raise ValueError(f"--stage: {name!r} is not one of {', '.join(STAGES)}")
 
 
@@ -232,13 +246,21 @@ def run_stage(name: str, size: int, work: Path, args) -> dict:
     command = [sys.executable, __file__, "--stage", name, "--size", str(size), "--work", str(work),
                "--eval-users", str(args.eval_users), "--train-steps", str(args.train_steps),
                "--bpr-epochs", str(args.bpr_epochs), "--converge-up-to", str(args.converge_up_to),
-               "--sasrec-batches", str(args.sasrec_batches)]  # fmt: skip
+               "--sasrec-batches", str(args.sasrec_batches)] + ["--users-slope"] * args.users_slope  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=work)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout)[-2000:]
         return {"error": f"exit {done.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
     return json.loads(lines[-1])
+
+
+def merged(kept: list[dict], row: dict, stages: list[str]) -> dict:
+    """The size's row in scale.jsonl after this run: its earlier figures for the stages not run
+    again, this run's for the stages run (an earlier error or figure of a rerun stage is dropped)."""
+    old = next((r for r in kept if r["size"] == row["size"]), {})
+    rerun = tuple(f"{name}_" for name in stages)
+    return {**{k: v for k, v in old.items() if not k.startswith(rerun)}, **row}
 
 
 def slopes(rows: list[dict]) -> dict:
@@ -288,6 +310,8 @@ def main() -> None:
     parser.add_argument("--converge-up-to", type=int, default=1_000_000, help="BPR converges up to this size")
     parser.add_argument("--sasrec-up-to", type=int, default=1_000_000, help="SASRec's epoch up to this size")
     parser.add_argument("--sasrec-batches", type=int, default=20, help="SASRec batches timed for the epoch estimate")
+    parser.add_argument("--users-slope", action="store_true",
+                        help="llmgen_eval also on the first quarter and half of its users: the slope in users")  # fmt: skip
     parser.add_argument("--out", default="results/bench-scale", help="work folder: raw dumps, datasets, plot")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -303,6 +327,8 @@ def main() -> None:
         print(json.dumps({**result, "peak_mb": round(peak_mb())}), flush=True)
         return
 
+    from recbole_llmgen.llm import describe_machine
+
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     wanted = args.stages.split(",")
@@ -313,7 +339,7 @@ def main() -> None:
     kept = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        row = {"size": size}
+        row = {"size": size, "machine": describe_machine("cpu")}  # the LLM's dtype: llmgen_*_llm_dtype
         start = time.perf_counter()
         raw = work / f"raw-{size}"
         if not (raw / "ratings.dat").exists():
@@ -343,7 +369,7 @@ def main() -> None:
         row.setdefault("interactions", size)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        kept = sorted([r for r in kept if r["size"] != size] + [row], key=lambda r: r["size"])
+        kept = sorted([r for r in kept if r["size"] != size] + [merged(kept, row, wanted)], key=lambda r: r["size"])
         record.write_text("".join(json.dumps(r) + "\n" for r in kept))
     fitted = slopes(kept)
     print(json.dumps({"slopes": fitted, "sizes": [r["interactions"] for r in kept]}), flush=True)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from recbole_llmgen import per_user, progress
+from recbole_llmgen.llm import describe_machine
 from recbole_llmgen.regime import REGIME_KEYS, Regime, RegimeUnavailable, check_targets, selected_users
 from recbole_llmgen.regime import prepare as prepare_regime
 
@@ -233,6 +234,8 @@ def run_one(spec: dict) -> dict:
         "total_parameters": int(trainable + frozen),
         "model_file": trainer.saved_model_file if os.path.isfile(trainer.saved_model_file) else "",
         "torch_threads": torch.get_num_threads(),
+        "machine": describe_machine(config["device"]),
+        "llm_dtype": str(model.llm.dtype).removeprefix("torch.") if hasattr(model, "llm") else "",
         "processes": int(spec.get("nproc", 1)),
         **training_record(trainer, config, scores),
         "valid_curve": valid_curve(trainer, scores),
@@ -803,7 +806,7 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
         f"selects nothing on the valid split and is not evaluated there (valid '-'; --llm-valid does). "
         f"[low, high]: 95% bootstrap interval over the evaluated users ({per_user.RESAMPLES} resamples, "
         f"seed {per_user.SEED}); LLMGen's difference to its candidate source (the best classic model or text retriever by validation) is paired "
-        f"(the same resampled users for both); * = the interval excludes 0.\n\n{regime_line(meta)}"
+        f"(the same resampled users for both); * = the interval excludes 0.\n\n{regime_line(meta)}{machine_line(rows)}"
         "| model | users | test NDCG@10 [95% CI] | test Hit@10 [95% CI] | test MRR@10 | valid NDCG@10 | valid Hit@10 "
         "| NDCG@10 difference [95% CI] | epochs (best) / stopped by | train s | test eval s | peak MB "
         "| trainable / total params | status |\n"
@@ -824,6 +827,29 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
             f"{_cell(r.get('peak_memory_mb'), 0)} | {params} | {status} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def machine_line(rows: list[dict]) -> str:
+    """Where the rows were measured (a line; rows reused from an earlier run may come from another
+    machine: then each machine with its rows), with the LLM's weight dtype, or '' for rows that do
+    not say (written before rows recorded it)."""
+    if not any(r.get("machine") for r in rows):
+        return ""
+    machines: dict[str, list[str]] = {}
+    for r in rows:
+        names = machines.setdefault(r.get("machine") or "not recorded", [])
+        name = r["model"] + (f" (LLM weights {r['llm_dtype']})" if r.get("llm_dtype") else "")
+        if name not in names:
+            names.append(name)
+    if len(machines) == 1:
+        machine = next(iter(machines))
+        dtypes = sorted({r["llm_dtype"] for r in rows if r.get("llm_dtype")})
+        return f"Machine: {machine}" + (f"; LLM weights {', '.join(dtypes)}" if dtypes else "") + ".\n\n"
+    return (
+        "Machines (rows reused from earlier runs keep theirs): "
+        + "; ".join(f"{machine}: {', '.join(labels)}" for machine, labels in machines.items())
+        + ".\n\n"
+    )
 
 
 def regime_line(meta: dict) -> str:

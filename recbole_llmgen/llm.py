@@ -114,6 +114,36 @@ def cpu_has_fast_bf16(flags: set[str] | None = None) -> bool:
     return any(flag in flags for flag in FAST_BF16_CPU_FLAGS)
 
 
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name as the kernel reports it (Linux), else the platform's processor string."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_machine(device: torch.device | str = "cpu", flags: set[str] | None = None) -> str:
+    """The hardware a figure was measured on, in words: the GPU's name, or the CPU's model, its
+    cores, its widest vector unit and whether it computes bf16 natively (what ``llm_dtype: auto``
+    picks). Figures from different machines must not be compared as one run's."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    flags = cpu_flags() if flags is None else flags
+    vector = next(
+        (name for name in ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "neon", "asimd") if name in flags), ""
+    )
+    bf16 = "native bf16" if cpu_has_fast_bf16(flags) else "no native bf16"
+    parts = [cpu_model(), f"{os.cpu_count() or 1} cores", vector, bf16]
+    return ", ".join(p for p in parts if p)
+
+
 def resolve_dtype(
     llm_dtype: str, device: torch.device | str, train_mode: str = "none", fast_bf16: bool | None = None
 ) -> torch.dtype:

@@ -43,3 +43,12 @@ def test_slopes_are_the_exponent_of_seconds_against_size():
     fitted = bench_scale.slopes(rows)
     assert fitted["convert"] == pytest.approx(1.0) and fitted["bpr"] == pytest.approx(1.5)
     assert fitted["llmgen_eval"] == pytest.approx(0.0, abs=1e-6) and "build" not in fitted
+
+
+def test_a_stage_run_again_replaces_only_its_own_figures():
+    kept = [{"size": 100, "convert_s": 1.0, "llmgen_eval_s": 9.0, "llmgen_eval_error": "killed"},
+            {"size": 1000, "convert_s": 8.0}]  # fmt: skip
+    row = bench_scale.merged(kept, {"size": 100, "machine": "m", "llmgen_eval_s": 5.0, "llmgen_eval_users_slope": 1.0},
+                             ["llmgen_eval"])  # fmt: skip
+    assert row == {"size": 100, "convert_s": 1.0, "machine": "m", "llmgen_eval_s": 5.0, "llmgen_eval_users_slope": 1.0}
+    assert bench_scale.merged(kept, {"size": 10, "convert_s": 0.1}, ["convert"]) == {"size": 10, "convert_s": 0.1}

@@ -9,6 +9,7 @@ from conftest import bench_overrides
 
 from recbole_llmgen import benchmark
 from recbole_llmgen.cli import main
+from recbole_llmgen.llm import describe_machine
 
 
 def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
@@ -47,6 +48,26 @@ def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
     assert rows2[4]["candidate_source"] == expected  # reranks the best candidate source on valid
     assert rows2[4]["trainable_parameters"] == 0 and rows2[4]["total_parameters"] > 0
     assert "valid_ndcg@10" not in rows2[4]  # zero-shot: the valid split is skipped unless llm_valid
+    # every row says where it was measured; the LLM row with its weights' dtype (auto: by the CPU)
+    machine = describe_machine("cpu")
+    assert {r["machine"] for r in rows2} == {machine}
+    assert rows2[4]["llm_dtype"] in ("float32", "bfloat16") and rows2[0]["llm_dtype"] == ""
+    markdown = open(os.path.join(out, "benchmark.md"), encoding="utf-8").read()
+    assert f"Machine: {machine}; LLM weights {rows2[4]['llm_dtype']}." in markdown
+
+
+def test_rows_reused_from_another_machine_are_attributed_to_it():
+    rows = [
+        {"model": "BPR", "machine": "Intel Xeon, 2 cores, amx_bf16, native bf16", "llm_dtype": ""},
+        {"model": "LLMGen", "machine": "AMD EPYC, 2 cores, avx2, no native bf16", "llm_dtype": "float32"},
+        {"model": "Pop"},
+    ]  # fmt: skip  (a row written before rows said where they ran)
+    line = benchmark.machine_line(rows)
+    assert line.startswith("Machines (rows reused from earlier runs keep theirs): ")
+    assert "Intel Xeon, 2 cores, amx_bf16, native bf16: BPR;" in line
+    assert "AMD EPYC, 2 cores, avx2, no native bf16: LLMGen (LLM weights float32)" in line
+    assert line.endswith("not recorded: Pop.\n\n")
+    assert benchmark.machine_line([{"model": "Pop"}]) == ""
 
 
 def test_the_text_retriever_is_chosen_when_it_validates_best(toy_config_dict, tmp_path):

@@ -21,6 +21,16 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert llm_module.cpu_flags(str(tmp_path / "missing")) == set()
 
 
+def test_the_machine_is_described_by_its_cpu_and_bf16_support(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert llm_module.cpu_model(str(info)) == "AMD EPYC 9R14"
+    assert llm_module.cpu_model(str(tmp_path / "missing"))  # another platform: its processor string
+    native = llm_module.describe_machine("cpu", {"avx2", "avx512f", "avx512_bf16"})
+    assert native.endswith(", avx512_bf16, native bf16") and "cores" in native
+    assert llm_module.describe_machine("cpu", {"avx2", "fma"}).endswith(", avx2, no native bf16")
+
+
 @pytest.mark.parametrize(
     "llm_dtype, device, train_mode, fast, expected",
     [
