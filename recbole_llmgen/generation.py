@@ -97,12 +97,14 @@ def batched_constrained_beam_search(
     seen: Sequence[Iterable[int]] | None = None,
     shared: SharedPrefix | None = None,
     counts: dict | None = None,
+    length_penalty: float = 1.0,
 ) -> list[list[tuple[int, float]]]:
     """Catalogue-constrained beam search for several users at once, best items first per user.
 
     ``seen[u]``: items user u may not be recommended. A trie node whose every item is seen is never
     entered and a seen item is never finished, so no beam is spent on them. Beams are ranked by
-    summed log-probability, finished items by the mean (the number likelihood scoring gives).
+    summed log-probability, finished items by the sum / tokens ** ``length_penalty`` (1: the mean;
+    the number likelihood scoring gives with the same setting).
 
     One row per user, append-only: the prompt runs once (after ``shared``, a prefix every prompt
     starts with, computed once), then each step feeds the new token of every live beam of every
@@ -150,7 +152,9 @@ def batched_constrained_beam_search(
             for total, _, token, child, length in sorted(per_user[user], key=lambda e: (-e[0], e[1], e[2]))[:num_beams]:
                 for item in trie.items[child]:
                     if item not in seen_sets[user]:
-                        finished[user][item] = total / length
+                        finished[user][item] = (
+                            total / length if length_penalty == 1.0 else total / length**length_penalty
+                        )
                 if trie.children[child]:
                     live.append((user, child, total, length, token))
         if not live:
@@ -288,7 +292,7 @@ class Generator:
             found.extend(
                 batched_constrained_beam_search(
                     self.llm, prompts[start:end], self.trie(), s.num_beams, self.prompts.tokenizer.pad_token_id,
-                    seen=seen[start:end], shared=shared, counts=self.counts,
+                    seen=seen[start:end], shared=shared, counts=self.counts, length_penalty=s.length_penalty,
                 )
             )  # fmt: skip
         if s.popularity_prior:

@@ -86,14 +86,22 @@ class Scorer:
         self.scored_users += len(histories)
         s, prompts = self.settings, self.prompts
         if s.score_method in ("likelihood", "generate"):  # a beam's score is the likelihood
+            mean = s.length_penalty == 1.0
             results = scoring.score_continuations(
                 self.llm,
                 [prompts.build(h, c, request=r) for h, c, r in zip(histories, candidate_lists, requests)],
                 [[prompts.item_token_ids[i] for i in c] for c in candidate_lists],
                 shared=self.shared_prefix(),
                 batch_tokens=s.llm_score_batch_tokens,
+                normalization="mean" if mean else "sum",
                 pad_id=prompts.tokenizer.pad_token_id,
             )
+            if not mean:  # summed log-prob / tokens ** length_penalty
+                results = [
+                    sums
+                    / torch.tensor([len(prompts.item_token_ids[i]) for i in c], dtype=sums.dtype) ** s.length_penalty
+                    for sums, c in zip(results, candidate_lists)
+                ]
         else:
             results = self._verbalizer(histories, candidate_lists, user_keys, requests)
         if s.popularity_prior:

@@ -70,6 +70,16 @@ def optional_positive_int(config, key: str, none_means: str) -> int | None:
     return value
 
 
+def length_penalty(config) -> float:
+    value = config["length_penalty"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        raise ValueError(
+            f"length_penalty: expected a number in [0, 2] (an item's score is its summed token log-probability "
+            f"divided by its token count to this power: 1 the mean, 0 the sum), got {value!r}"
+        )
+    return float(value)
+
+
 @dataclass
 class LLMGenSettings:
     """LLMGen's keys, checked (see ``properties/LLMGen.yaml`` for each one's meaning)."""
@@ -101,6 +111,7 @@ class LLMGenSettings:
     score_method: str
     verbalizer_permutations: int
     popularity_prior: float
+    length_penalty: float  # an item's score: summed token log-prob / tokens ** this (1: the mean, 0: the sum)
     score_fusion: str  # none | auto | weight
     fusion_weight: float | None
     llm_score_batch_tokens: int
@@ -202,6 +213,7 @@ class LLMGenSettings:
             score_method=score_method,
             verbalizer_permutations=positive_int(config, "verbalizer_permutations"),
             popularity_prior=float(config["popularity_prior"] or 0.0),
+            length_penalty=length_penalty(config),
             score_fusion=score_fusion,
             fusion_weight=fusion_weight,
             llm_score_batch_tokens=positive_int(config, "llm_score_batch_tokens"),

@@ -111,6 +111,26 @@ def test_generate_full_sort_predict(toy_config_dict):
             assert math.isclose(predicted[k].item(), scores[0, item].item(), abs_tol=1e-4)
 
 
+@pytest.mark.parametrize("penalty", [0.0, 0.5])
+def test_length_penalty_scores_likelihood_and_generation_alike(toy_config_dict, penalty):
+    """An item's score is its summed token log-probability / tokens ** length_penalty, in the
+    likelihood scorer and in the generated ranking (beams as wide as the catalogue: every item)."""
+    config = dict(toy_config_dict, score_method="generate", num_beams=40, length_penalty=penalty)
+    _, model, _, _, test_data = build(config)
+    batch = next(iter(test_data))[0]
+    scores = model.full_sort_predict(batch)
+    history = batch[model.ITEM_SEQ][0, : batch[model.ITEM_SEQ_LEN][0]].tolist()
+    unseen = [i for i in range(1, model.n_items) if i not in history]
+    prompts, tokens = model.prompts, model.prompts.item_token_ids
+    summed = scoring.score_continuations(
+        model.llm, [prompts.build(history, unseen)], [[tokens[i] for i in unseen]], normalization="sum"
+    )[0]
+    expected = summed / torch.tensor([float(len(tokens[i])) for i in unseen]) ** penalty
+    assert torch.allclose(model.scorer.score([history], [unseen])[0], expected, atol=1e-4)
+    assert torch.allclose(scores[0, unseen], expected, atol=1e-4)
+    assert len({len(tokens[i]) for i in unseen}) > 1  # texts of several lengths: the penalty matters
+
+
 def test_narrow_beams_rank_reached_items_above_the_rest(toy_config_dict):
     _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", num_beams=2))
     batch = next(iter(test_data))[0]
