@@ -335,7 +335,7 @@ def main() -> None:
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         parser.error(f"--stages: {unknown} are not among {', '.join(STAGES)}")
-    record = work / "scale.jsonl"  # every size measured in this folder: a size run again replaces its row
+    record = work / "scale.jsonl"  # every size measured in this folder: a stage run again replaces its figures
     kept = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):

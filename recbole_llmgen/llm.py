@@ -96,16 +96,22 @@ def resolve_llm_path(llm_path: str) -> ModelSource:
 FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU feature flags the kernel reports (Linux), or an empty set where it says none."""
+def cpuinfo_value(keys: tuple[str, ...], path: str = "/proc/cpuinfo") -> str | None:
+    """The value of the first line of ``path`` (Linux's cpuinfo) that starts with one of ``keys``,
+    or None where there is no such line or file."""
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(keys):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags the kernel reports (Linux), or an empty set where it says none."""
+    return set((cpuinfo_value(("flags", "Features"), path) or "").split())
 
 
 def cpu_has_fast_bf16(flags: set[str] | None = None) -> bool:
@@ -116,16 +122,9 @@ def cpu_has_fast_bf16(flags: set[str] | None = None) -> bool:
 
 def cpu_model(path: str = "/proc/cpuinfo") -> str:
     """The CPU's model name as the kernel reports it (Linux), else the platform's processor string."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return cpuinfo_value(("model name",), path) or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def describe_machine(device: torch.device | str = "cpu", flags: set[str] | None = None) -> str:
