@@ -45,7 +45,7 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     settings = yaml.safe_load((HERE.parent / "configs" / "llmgen_ml-100k_generate.yaml").read_text())["LLMGen"]
-    settings.update(llm_train_window_stride=args.stride, epochs=1, stopping_step=0, length_penalty=1.0, seed=2020,
+    settings.update(llm_train_window_stride=args.stride, epochs=1, stopping_step=0, length_penalty="auto", seed=2020,
                     checkpoint_dir=str(out / "saved"), show_progress=False, topk=[10, 20])  # fmt: skip
     config, train, valid, test = prepare("LLMGen", "ml-100k", settings)
     init_seed(config["seed"], config["reproducibility"])
@@ -62,24 +62,13 @@ def main() -> None:
     model.load_other_parameter(checkpoint.get("other_parameter"))
     model.generator.weights_changed()
 
-    penalty = [1.0]  # the value the items are ranked by, set below
-    lengths = model.prompts.item_token_ids
-    search = model.generator.items
-
-    def reranked(*a, **k):  # the search gives summed / tokens (length_penalty 1): rescale to the value
-        return [
-            sorted(((i, v * len(lengths[i]) ** (1 - penalty[0])) for i, v in pairs), key=lambda kv: (-kv[1], kv[0]))
-            for pairs in search(*a, **k)
-        ]
-
-    model.generator.items = reranked
     values = [float(v) for v in args.penalties.split(",")]
     valid_scores = {}
     for split, loader in (("valid", valid), ("test", test)):
         loader = sample_users(loader, args.users, config["seed"])
         with model.cached():  # one search per user; every value re-ranks it
             for value in values:
-                penalty[0] = value
+                model.length_penalty = value  # the generator keeps summed log-probs: every value re-ranks them
                 init_seed(config["seed"], config["reproducibility"])
                 start = time.perf_counter()
                 with keep_struct(trainer) as kept:

@@ -186,6 +186,7 @@ def run_one(spec: dict) -> dict:
         settings is not None
         and settings.train_mode == "none"
         and not fused  # auto chooses its weight there
+        and settings.length_penalty != "auto"  # and auto its length penalty
         and not spec.get("llm_valid", False)
     )
     start = time.perf_counter()
@@ -219,6 +220,7 @@ def run_one(spec: dict) -> dict:
         "status": "ok",
         "variant": "fused" if fused and not spec.get("name") else "",
         "fusion_weight": model.fusion_weight if fused else None,
+        **length_penalty_fields(spec, config, model),
         "variants": variants,
         "candidate_source": config["candidate_source"] if spec["model"] == "LLMGen" else "",
         "score_method": config["score_method"] if spec["model"] == "LLMGen" else "",
@@ -240,6 +242,14 @@ def run_one(spec: dict) -> dict:
         **training_record(trainer, config, scores),
         "valid_curve": valid_curve(trainer, scores),
     }
+
+
+def length_penalty_fields(spec, config, model) -> dict:
+    """The length penalty an LLMGen row ranked by (likelihood and generate), and whether the valid
+    split chose it (``length_penalty: auto``)."""
+    if spec["model"] != "LLMGen" or config["score_method"] == "verbalizer":
+        return {}
+    return {"length_penalty": model.length_penalty, "length_penalty_auto": config["length_penalty"] == "auto"}
 
 
 def variant_users_file(users_file: str) -> str:
@@ -287,9 +297,10 @@ def valid_curve(trainer, scores: list[tuple[int, float]]) -> list[dict]:
     """The learning curve: per validation, its epoch, the epoch's training loss (RecBole's: summed
     over its optimizer steps) and the ``valid_metric`` as validated; with ``score_fusion: auto``
     also the weight chosen then and NDCG@10 of the fused ranking and of the LLM alone (weight 1.0)
-    on the same users."""
+    on the same users; with ``length_penalty: auto`` the penalty chosen then."""
     history = getattr(trainer, "fusion_history", None) or []
     weights = getattr(trainer, "fusion_weights", None) or []
+    penalties = getattr(trainer, "length_penalties", None) or []
     losses = getattr(trainer, "train_loss_dict", None) or {}
     curve = []
     for i, (epoch, score) in enumerate(scores):
@@ -298,6 +309,8 @@ def valid_curve(trainer, scores: list[tuple[int, float]]) -> list[dict]:
             point["fusion_weight"] = weights[i]
             point["fused_ndcg@10"] = _number((history[i].get(weights[i]) or {}).get("ndcg@10"))
             point["llm_alone_ndcg@10"] = _number((history[i].get(1.0) or {}).get("ndcg@10"))
+        if len(penalties) == len(scores):
+            point["length_penalty"] = penalties[i]
         curve.append(point)
     return curve
 
@@ -685,6 +698,8 @@ def row_label(row: dict) -> str:
         notes.append(f"fused, LLM weight {row.get('fusion_weight')}")
     if row["model"] == "LLMGen" and (row.get("trainable_parameters") or 0) > 0:
         notes.append("fine-tuned")
+    if row.get("length_penalty_auto") and row.get("length_penalty") is not None:
+        notes.append(f"length penalty {row['length_penalty']:g} chosen on valid")
     if row["model"] == "LLMGen" and row.get("candidate_source"):
         notes.append(how_llmgen_ranks(row))
         if (row.get("processes") or 1) > 1:

@@ -1,9 +1,9 @@
 """Direct generation of catalogue items: a prefix tree of item token ids and a beam search that
 can only walk it, so every finished beam is exactly one catalogue text.
 
-Item scores are the mean log-probability of the item's tokens after the prompt, the number
-``scoring.shared_prefix_scores`` gives the same item (beams are ranked while searching by their
-summed log-probability, as usual; finished items by the length-normalised one).
+Item scores are the summed log-probability of the item's tokens after the prompt / its token count
+** ``length_penalty`` (1: the mean), the number likelihood scoring gives the same item (beams are
+ranked while searching by their summed log-probability, as usual; finished items by that score).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from recbole_llmgen.scoring import PackedRow, ScopedCache, SharedPrefix, pass_tensors
+from recbole_llmgen.scoring import PackedRow, ScopedCache, SharedPrefix, length_penalized, pass_tensors
 
 
 class ItemTrie:
@@ -138,7 +138,7 @@ def batched_constrained_beam_search(
     node_columns: list[dict[int, list[int]]] = [{0: []} for _ in prompts]  # trie node -> its path's columns
     # one entry per live beam: (user, trie node, summed log-prob, length); its log-probs are row `k` of logits
     beams = [(user, 0, 0.0, 0) for user in range(len(prompts))]
-    finished: list[dict[int, float]] = [{} for _ in prompts]
+    finished: list[dict[int, tuple[float, int]]] = [{} for _ in prompts]  # item -> (summed log-prob, tokens)
     while beams:
         values = iter(_allowed_logprobs(logits, beams, trie))
         per_user: dict[int, list] = {}
@@ -152,9 +152,7 @@ def batched_constrained_beam_search(
             for total, _, token, child, length in sorted(per_user[user], key=lambda e: (-e[0], e[1], e[2]))[:num_beams]:
                 for item in trie.items[child]:
                     if item not in seen_sets[user]:
-                        finished[user][item] = (
-                            total / length if length_penalty == 1.0 else total / length**length_penalty
-                        )
+                        finished[user][item] = (total, length)
                 if trie.children[child]:
                     live.append((user, child, total, length, token))
         if not live:
@@ -165,7 +163,15 @@ def batched_constrained_beam_search(
             model, cache, live, trie, node_columns, prompt_columns, next_position, width, pad_token_id
         )
         beams = [(user, child, total, length) for user, child, total, length, _ in live]
-    return [sorted(f.items(), key=lambda kv: (-kv[1], kv[0])) for f in finished]
+    return [ranked(list(f), [f[i][0] for i in f], [f[i][1] for i in f], length_penalty) for f in finished]
+
+
+def ranked(items: list[int], sums: list[float], lengths: list[int], length_penalty: float) -> list[tuple[int, float]]:
+    """(item, summed log-prob / tokens ** length_penalty), best first (ties: the smaller id)."""
+    if not items:
+        return []
+    scores = length_penalized(torch.tensor(sums, dtype=torch.float64), lengths, length_penalty).tolist()
+    return sorted(zip(items, scores), key=lambda kv: (-kv[1], kv[0]))
 
 
 def _feed(model, cache, live, trie, node_columns, prompt_columns, next_position, width, pad_id):
@@ -232,9 +238,11 @@ class Generator:
     generations were exact catalogue texts in the last call).
     """
 
-    def __init__(self, llm, prompter, settings, retriever, shared_prefix=None):
+    def __init__(self, llm, prompter, settings, retriever, shared_prefix=None, length_penalty=None):
         self.llm, self.prompts, self.settings, self.retriever = llm, prompter, settings, retriever
         self.shared_prefix = shared_prefix  # () -> SharedPrefix of the prompts' common head (the scorer's)
+        # () -> the length penalty in use (the scorer's active_length_penalty); default: the settings' number
+        self.length_penalty = length_penalty or (lambda: float(settings.length_penalty))
         self.searched_users = 0  # users sent through beam search (cache misses), for reports and tests
         self.counts: dict = {}  # tokens computed by the searches: prompt_tokens, beam_tokens, steps
         self.stats = {"generations": 0, "exact": 0}
@@ -269,7 +277,7 @@ class Generator:
         requests = requests or [None] * len(histories)
         seen = seen if seen is not None else histories
         if not self.cache.active:
-            return self._search(histories, requests, seen)
+            return self._finish(self._search(histories, requests, seen))
         keys = [(tuple(h), r, tuple(sorted(set(x)))) for h, r, x in zip(histories, requests, seen)]
         found = {i: self.cache.get(key) for i, key in enumerate(keys) if key in self.cache}
         todo = [i for i in range(len(keys)) if i not in found]
@@ -278,9 +286,24 @@ class Generator:
             for i, pairs in zip(todo, fresh):
                 found[i] = pairs
                 self.cache.put(keys[i], pairs)
-        return [found[i] for i in range(len(keys))]
+        return self._finish([found[i] for i in range(len(keys))])
+
+    def _finish(self, found: list[list[tuple[int, float]]]) -> list[list[tuple[int, float]]]:
+        """Searches' (item, summed log-prob) to scores, best first: the length penalty in use (the
+        scorer's: ``length_penalty: auto`` sets it on the valid split), then ``popularity_prior``."""
+        s, lengths = self.settings, self.prompts.item_token_ids
+        penalty = self.length_penalty()
+        found = [ranked([i for i, _ in pairs], [v for _, v in pairs], [len(lengths[i]) for i, _ in pairs], penalty)
+                 for pairs in found]  # fmt: skip
+        if s.popularity_prior:
+            prior = s.popularity_prior * torch.log1p(self.retriever.item_counts.float())
+            found = [
+                sorted(((i, v + float(prior[i])) for i, v in pairs), key=lambda kv: (-kv[1], kv[0])) for pairs in found
+            ]
+        return found
 
     def _search(self, histories, requests, seen) -> list[list[tuple[int, float]]]:
+        """Per user, the items the beams reached with their summed log-probabilities (what the cache keeps)."""
         s = self.settings
         self.searched_users += len(histories)
         longest = self.prompts.longest_item
@@ -292,14 +315,9 @@ class Generator:
             found.extend(
                 batched_constrained_beam_search(
                     self.llm, prompts[start:end], self.trie(), s.num_beams, self.prompts.tokenizer.pad_token_id,
-                    seen=seen[start:end], shared=shared, counts=self.counts, length_penalty=s.length_penalty,
+                    seen=seen[start:end], shared=shared, counts=self.counts, length_penalty=0.0,
                 )
             )  # fmt: skip
-        if s.popularity_prior:
-            prior = s.popularity_prior * torch.log1p(self.retriever.item_counts.float())
-            found = [
-                sorted(((i, v + float(prior[i])) for i, v in pairs), key=lambda kv: (-kv[1], kv[0])) for pairs in found
-            ]
         return found
 
     @torch.no_grad()

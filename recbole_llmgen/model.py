@@ -64,10 +64,14 @@ class LLMGen(SequentialRecommender):
         self.prompts = Prompter(s, self.tokenizer, self.item_texts, context)
         self.retriever = Retriever(s, config, dataset, self.item_texts, self.device)
         self.scorer = Scorer(llm, self.prompts, s, self.retriever.item_counts)
-        self.generator = Generator(llm, self.prompts, s, self.retriever, self.scorer.shared_prefix)
+        self.generator = Generator(
+            llm, self.prompts, s, self.retriever, self.scorer.shared_prefix, self.scorer.active_length_penalty
+        )
 
         # saved with the checkpoint besides the trainable weights (RecBole's other_parameter)
         self.other_parameter_name = ["candidate_model_file", "fusion_weight"]
+        if s.length_penalty == "auto":  # the value chosen on the valid split
+            self.other_parameter_name.append("length_penalty")
         self.fusion_weight = s.fusion_weight  # score_fusion: auto sets it on the valid split
         if self.candidate_model_file:
             self.retriever.candidate_model()  # a mismatched file fails now, before any evaluation
@@ -79,6 +83,20 @@ class LLMGen(SequentialRecommender):
     @candidate_model_file.setter
     def candidate_model_file(self, path: str | None) -> None:
         self.retriever.set_candidate_model_file(path)
+
+    @property
+    def length_penalty(self) -> float | None:
+        """The length penalty in use by scoring and generation (``length_penalty: auto``: None until
+        the valid split chooses it; saved with the checkpoint)."""
+        return self.scorer.length_penalty
+
+    @length_penalty.setter
+    def length_penalty(self, value: float | None) -> None:
+        scorer = self.scorer
+        if value is not None and value != 1.0 and not scorer.summed and self.settings.score_method != "verbalizer":
+            scorer.summed = True  # configured with the mean: from now on keep the sums the value divides
+            scorer.cache.clear()
+        scorer.length_penalty = value
 
     # ------------------------------------------------------------------ training state
     def identity(self) -> dict:

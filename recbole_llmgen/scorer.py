@@ -1,16 +1,17 @@
 """The LLM's score of each user's candidate items: prompts from a :class:`~recbole_llmgen.prompts.Prompter`,
 packed passes from :mod:`recbole_llmgen.scoring`, and a cache that lives only as long as it is asked for.
 
-``score_method: likelihood`` (and ``generate``, whose beam score is the same number): the mean
-log-probability of each candidate's tokens after the prompt. ``verbalizer``: the candidates listed
-with letters, the next-token log-probabilities of the letters, averaged over
-``verbalizer_permutations`` seeded orders. ``popularity_prior`` adds ``w x log(1 + count)``.
+``score_method: likelihood`` (and ``generate``, whose beam score is the same number): the summed
+log-probability of each candidate's tokens after the prompt / its token count ** ``length_penalty``
+(1, the default: the mean). ``verbalizer``: the candidates listed with letters, the next-token
+log-probabilities of the letters, averaged over ``verbalizer_permutations`` seeded orders. ``popularity_prior`` adds ``w x log(1 + count)``.
 
 The cache: ``with scorer.cached():`` keeps each (user, history, candidates, request)'s scores until
 the block ends (nested blocks share one), at most ``max_entries`` of them (least recently used out
-first). Choosing the fusion weight on the valid split evaluates the same users eleven times inside
-one such block, so the LLM scores each user once; outside a block nothing is kept, so a long-lived
-``recommend`` or chat process does not grow.
+first). Choosing the fusion weight (or ``length_penalty: auto``) on the valid split evaluates the
+same users again and again inside one such block (the cache keeps what every value reuses), so the
+LLM scores each user once; outside a block nothing is kept, so a long-lived ``recommend`` or chat
+process does not grow.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class Scorer:
 
     def __init__(self, llm, prompter: Prompter, settings: LLMGenSettings, item_counts: torch.Tensor):
         self.llm, self.prompts, self.settings, self.item_counts = llm, prompter, settings, item_counts
+        # the length penalty in use (length_penalty: auto: None until the valid split chooses it); the
+        # cache keeps summed log-probabilities whenever it is not fixed at 1, so every value reuses them
+        self.length_penalty = settings.length_penalty if settings.length_penalty != "auto" else None
+        self.summed = settings.score_method in ("likelihood", "generate") and settings.length_penalty != 1.0
         self.cache = scoring.ScopedCache(MAX_CACHED_USERS)
         self.scored_users = 0  # users sent through the LLM (cache misses), for reports and tests
         self._shared_prefix: scoring.SharedPrefix | None = None
@@ -66,7 +71,7 @@ class Scorer:
         user_keys = user_keys if user_keys is not None else [0] * len(histories)
         requests = requests if requests is not None else [None] * len(histories)
         if not self.cache.active or torch.is_grad_enabled():
-            return self._score(histories, candidate_lists, user_keys, requests)
+            return self._finish(self._score(histories, candidate_lists, user_keys, requests), candidate_lists)
         keys = [(int(u), tuple(h), tuple(c), r) for u, h, c, r in zip(user_keys, histories, candidate_lists, requests)]
         found = {i: self.cache.get(key) for i, key in enumerate(keys) if key in self.cache}  # before any eviction
         todo = [i for i in range(len(keys)) if i not in found]
@@ -80,36 +85,47 @@ class Scorer:
             for i, scores in zip(todo, fresh):
                 found[i] = scores
                 self.cache.put(keys[i], scores)
-        return [found[i] for i in range(len(keys))]
+        return self._finish([found[i] for i in range(len(keys))], candidate_lists)
+
+    def active_length_penalty(self) -> float:
+        if self.length_penalty is None:
+            raise ValueError(
+                "length_penalty: auto chooses its value on the valid split, and no validation has run; train or fit "
+                "with valid data (LLMGenTrainer.fit does), load a checkpoint that has it, or set a number in [0, 2]"
+            )
+        return float(self.length_penalty)
+
+    def _finish(self, results: list[torch.Tensor], candidate_lists) -> list[torch.Tensor]:
+        """What the cache keeps (summed log-probabilities, or means when the penalty is fixed at 1) to
+        scores: the length penalty in use, then ``popularity_prior``."""
+        if self.summed:
+            penalty = self.active_length_penalty()
+            lengths = self.prompts.item_token_ids
+            results = [scoring.length_penalized(sums, [len(lengths[i]) for i in c], penalty)
+                       for sums, c in zip(results, candidate_lists)]  # fmt: skip
+        if self.settings.popularity_prior:
+            prior = self.settings.popularity_prior
+            results = [
+                scores + prior * torch.log1p(self.item_counts[c].float()) for scores, c in zip(results, candidate_lists)
+            ]
+        return results
 
     def _score(self, histories, candidate_lists, user_keys, requests) -> list[torch.Tensor]:
+        """Summed log-probabilities of each user's candidates (means when the length penalty is fixed at
+        1), or the verbalizer's label scores: what the cache keeps."""
         self.scored_users += len(histories)
         s, prompts = self.settings, self.prompts
         if s.score_method in ("likelihood", "generate"):  # a beam's score is the likelihood
-            mean = s.length_penalty == 1.0
-            results = scoring.score_continuations(
+            return scoring.score_continuations(
                 self.llm,
                 [prompts.build(h, c, request=r) for h, c, r in zip(histories, candidate_lists, requests)],
                 [[prompts.item_token_ids[i] for i in c] for c in candidate_lists],
                 shared=self.shared_prefix(),
                 batch_tokens=s.llm_score_batch_tokens,
-                normalization="mean" if mean else "sum",
+                normalization="sum" if self.summed else "mean",
                 pad_id=prompts.tokenizer.pad_token_id,
             )
-            if not mean:  # summed log-prob / tokens ** length_penalty
-                results = [
-                    sums
-                    / torch.tensor([len(prompts.item_token_ids[i]) for i in c], dtype=sums.dtype) ** s.length_penalty
-                    for sums, c in zip(results, candidate_lists)
-                ]
-        else:
-            results = self._verbalizer(histories, candidate_lists, user_keys, requests)
-        if s.popularity_prior:
-            results = [
-                scores + s.popularity_prior * torch.log1p(self.item_counts[c].float())
-                for scores, c in zip(results, candidate_lists)
-            ]
-        return results
+        return self._verbalizer(histories, candidate_lists, user_keys, requests)
 
     def _verbalizer(self, histories, candidate_lists, user_keys, requests) -> list[torch.Tensor]:
         """Each candidate's label log-probability, averaged over seeded shuffles of the list."""

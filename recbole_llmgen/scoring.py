@@ -274,6 +274,13 @@ def score_continuations(
     return results
 
 
+def length_penalized(sums: torch.Tensor, lengths: Sequence[int], penalty: float) -> torch.Tensor:
+    """Items' scores from their summed token log-probabilities: ``sums / lengths ** penalty`` (1: the
+    mean per token, 0: the sum), the one formula likelihood scoring and generation share. [K]"""
+    lengths = torch.tensor(lengths, dtype=sums.dtype)
+    return sums / lengths if penalty == 1.0 else sums / lengths**penalty
+
+
 def _row(rest: list[int], offset: int, conts, chunk: list[int], user: int) -> PackedRow:
     row = prefix_tree_row(rest, offset, [conts[i] for i in chunk])
     row.owner = (user, chunk)

@@ -20,6 +20,7 @@ TRAIN_OBJECTIVES = ("next_item", "sequence")
 GENERATION_CONSTRAINTS = ("trie", "none")
 BUILT_IN_SOURCES = ("pop", "text", "none")  # besides a RecBole model file or model name
 FUSION_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+LENGTH_PENALTY_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)  # length_penalty: auto chooses among these on valid
 
 
 def is_model_file(source: str) -> bool:
@@ -70,12 +71,21 @@ def optional_positive_int(config, key: str, none_means: str) -> int | None:
     return value
 
 
-def length_penalty(config) -> float:
+def length_penalty(config, score_method: str) -> float | str:
+    """A number in [0, 2], or ``auto`` (chosen from ``LENGTH_PENALTY_GRID`` on the valid split)."""
     value = config["length_penalty"]
+    if value == "auto":
+        if score_method == "verbalizer":
+            raise ValueError(
+                "length_penalty: auto chooses how item likelihoods are length-normalised, and score_method: "
+                "verbalizer scores one label token per candidate; use likelihood or generate, or a number"
+            )
+        return "auto"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
         raise ValueError(
             f"length_penalty: expected a number in [0, 2] (an item's score is its summed token log-probability "
-            f"divided by its token count to this power: 1 the mean, 0 the sum), got {value!r}"
+            f"divided by its token count to this power: 1 the mean, 0 the sum) or auto (chosen from "
+            f"{', '.join(f'{v:g}' for v in LENGTH_PENALTY_GRID)} on the valid split), got {value!r}"
         )
     return float(value)
 
@@ -111,7 +121,8 @@ class LLMGenSettings:
     score_method: str
     verbalizer_permutations: int
     popularity_prior: float
-    length_penalty: float  # an item's score: summed token log-prob / tokens ** this (1: the mean, 0: the sum)
+    length_penalty: float | str  # an item's score: summed token log-prob / tokens ** this (1: the mean, 0: the
+    #   sum), or "auto": chosen on the valid split (the model's ``length_penalty`` holds the value in use)
     score_fusion: str  # none | auto | weight
     fusion_weight: float | None
     llm_score_batch_tokens: int
@@ -213,7 +224,7 @@ class LLMGenSettings:
             score_method=score_method,
             verbalizer_permutations=positive_int(config, "verbalizer_permutations"),
             popularity_prior=float(config["popularity_prior"] or 0.0),
-            length_penalty=length_penalty(config),
+            length_penalty=length_penalty(config, score_method),
             score_fusion=score_fusion,
             fusion_weight=fusion_weight,
             llm_score_batch_tokens=positive_int(config, "llm_score_batch_tokens"),

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from recbole_llmgen import distributed, finetune, progress, sequence, two_stage
 from recbole_llmgen.llm import training_attention
-from recbole_llmgen.settings import FUSION_GRID
+from recbole_llmgen.settings import FUSION_GRID, LENGTH_PENALTY_GRID
 
 LOG_EVERY = 50  # optimizer steps between loss lines in the log
 
@@ -38,7 +38,8 @@ class LLMGenTrainer(Trainer):
       resumes training from a saved checkpoint. ``llm_train_objective: sequence`` trains on
       :class:`~recbole_llmgen.sequence.WindowLoader` batches (every training interaction each epoch)
       instead; a loss line every ``LOG_EVERY`` optimizer steps gives the curve within an epoch.
-    * ``score_fusion: auto``: every validation first chooses the LLM's fusion weight on the valid split.
+    * ``score_fusion: auto`` / ``length_penalty: auto``: every validation first chooses the LLM's
+      fusion weight / the length penalty on the valid split.
     """
 
     def __init__(self, config, model):
@@ -46,6 +47,8 @@ class LLMGenTrainer(Trainer):
         self.test_batch_size = float("inf")  # never split a user's rows in _spilt_predict
         self.fusion_history: list[dict] = []  # score_fusion: auto: {weight: valid result} per validation
         self.fusion_weights: list[float] = []  # score_fusion: auto: the weight chosen at each validation
+        self.length_penalty_history: list[dict] = []  # length_penalty: auto: {value: valid result} per validation
+        self.length_penalties: list[float] = []  # length_penalty: auto: the value chosen at each validation
 
     def _trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -155,35 +158,51 @@ class LLMGenTrainer(Trainer):
         return total
 
     def _valid_epoch(self, valid_data, show_progress=False):
-        """``score_fusion: auto``: first choose the LLM's weight on this (valid) split from
-        ``FUSION_GRID`` by ``valid_metric`` (the LLM scores each user once; every weight reuses them),
-        then validate with it. The weight is saved with the checkpoint; the test split never sees the grid."""
-        if self.model.settings.score_fusion != "auto":
+        """``score_fusion: auto`` and / or ``length_penalty: auto``: first choose the LLM's fusion
+        weight (``FUSION_GRID``) and the length penalty (``LENGTH_PENALTY_GRID``) on this (valid) split
+        by ``valid_metric``, every pair when both are auto (the LLM scores each user once; every value
+        reuses it), then validate with them. Both are saved with the checkpoint; the test split never
+        sees the grid."""
+        settings = self.model.settings
+        if settings.score_fusion != "auto" and settings.length_penalty != "auto":
             return super()._valid_epoch(valid_data, show_progress=show_progress)
         with self.model.cached():  # the grid and the validation score each user once
-            self.choose_fusion_weight(valid_data)
+            self.choose_on_valid(valid_data)
             return super()._valid_epoch(valid_data, show_progress=show_progress)
 
-    def choose_fusion_weight(self, valid_data) -> float:
-        """The weight of ``FUSION_GRID`` with the best ``valid_metric`` on ``valid_data``; set on the model."""
+    def choose_on_valid(self, valid_data) -> tuple[float | None, float | None]:
+        """The (length penalty, fusion weight) with the best ``valid_metric`` on ``valid_data``, each
+        from its grid where it is ``auto`` (else the model's value, None when off); set on the model."""
+        settings, model = self.model.settings, self.model
+        penalties = LENGTH_PENALTY_GRID if settings.length_penalty == "auto" else (model.length_penalty,)
+        weights = FUSION_GRID if settings.score_fusion == "auto" else (model.fusion_weight,)
         results = {}
-        for weight in FUSION_GRID:
-            self.model.fusion_weight = weight
-            result = self.evaluate(valid_data, load_best_model=False, show_progress=False)
-            results[weight] = result
-        scores = {w: float(r[self.valid_metric]) for w, r in results.items()}
+        for penalty in penalties:
+            model.length_penalty = penalty
+            for weight in weights:
+                model.fusion_weight = weight
+                results[penalty, weight] = self.evaluate(valid_data, load_best_model=False, show_progress=False)
+        scores = {pair: float(r[self.valid_metric]) for pair, r in results.items()}
         sign = 1 if self.valid_metric_bigger else -1
-        best = max(scores, key=lambda w: (sign * scores[w], -w))  # a tie goes to the candidate model's side
-        self.model.fusion_weight = best
-        self.fusion_history.append(results)
-        self.fusion_weights.append(best)
-        self.logger.info(
-            set_color("score_fusion: auto", "green")
-            + f": LLM weight {best} chosen on the valid split ({self.valid_metric}: "
-            + ", ".join(f"{w}: {s:.4f}" for w, s in scores.items())
-            + ")"
-        )
-        return best
+        # a tie goes to the mean (the larger penalty) and to the candidate model's side (the smaller weight)
+        penalty, weight = max(scores, key=lambda pw: (sign * scores[pw], pw[0] or 0.0, -(pw[1] or 0.0)))
+        model.length_penalty, model.fusion_weight = penalty, weight
+        chosen = (penalty, weight)
+        axes = [("length_penalty", 0, self.length_penalty_history, self.length_penalties, "length penalty"),
+                ("score_fusion", 1, self.fusion_history, self.fusion_weights, "LLM weight")]  # fmt: skip
+        for key, axis, history, values, what in axes:
+            if getattr(settings, key) != "auto":
+                continue
+            other = 1 - axis  # this axis's results at the other's chosen value
+            history.append({pair[axis]: r for pair, r in results.items() if pair[other] == chosen[other]})
+            values.append(chosen[axis])
+            self.logger.info(
+                set_color(f"{key}: auto", "green")
+                + f": {what} {chosen[axis]:g} chosen on the valid split ({self.valid_metric}: "
+                + ", ".join(f"{pair[axis]:g}: {v:.4f}" for pair, v in scores.items() if pair[other] == chosen[other])
+                + ")"
+            )
+        return penalty, weight
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         """Config + trainable state only, written to a temporary file and renamed into place.

@@ -93,11 +93,14 @@ def test_the_text_retriever_is_chosen_when_it_validates_best(toy_config_dict, tm
     assert "TextRetriever (sentence-encoder similarity to the history, no LLM)" in labels
     assert "reranks the text retriever's top" in benchmark.row_label(llm)
     assert os.path.isfile(os.path.join(out, "runs", "TextRetriever.users.csv"))
-    # a candidate source the user sets: no retriever row, no choice
+    # a candidate source the user sets: no retriever row, no choice; the length penalty chosen on valid is said
     rows = benchmark.run_benchmark("toy", ["Pop", "LLMGen"], "full", None,
-                                   bench_overrides(toy_config_dict, candidate_source="pop"), str(tmp_path / "set"),
-                                   log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
+                                   bench_overrides(toy_config_dict, candidate_source="pop", length_penalty="auto"),
+                                   str(tmp_path / "set"), log=lambda m: None, runner=benchmark.run_in_process)  # fmt: skip
     assert [r["model"] for r in rows] == ["Pop", "LLMGen"] and rows[1]["candidate_source"] == "pop"
+    assert rows[1]["length_penalty_auto"] and rows[1]["length_penalty"] in (1.0, 0.75, 0.5, 0.25, 0.0)
+    assert f"length penalty {rows[1]['length_penalty']:g} chosen on valid" in benchmark.row_label(rows[1])
+    assert "length_penalty" not in rows[0] and "length penalty" not in benchmark.row_label(llm)
 
 
 def test_uni19_protocol_and_config_changes_rerun(toy_config_dict, tmp_path):

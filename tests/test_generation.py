@@ -111,12 +111,17 @@ def test_generate_full_sort_predict(toy_config_dict):
             assert math.isclose(predicted[k].item(), scores[0, item].item(), abs_tol=1e-4)
 
 
-@pytest.mark.parametrize("penalty", [0.0, 0.5])
-def test_length_penalty_scores_likelihood_and_generation_alike(toy_config_dict, penalty):
+@pytest.mark.parametrize(
+    ("configured", "penalty"), [(0.0, 0.0), (0.5, 0.5), ("auto", 0.0), ("auto", 0.5), (1.0, 0.5), ("auto", 1.0)]
+)
+def test_length_penalty_scores_likelihood_and_generation_alike(toy_config_dict, configured, penalty):
     """An item's score is its summed token log-probability / tokens ** length_penalty, in the
-    likelihood scorer and in the generated ranking (beams as wide as the catalogue: every item)."""
-    config = dict(toy_config_dict, score_method="generate", num_beams=40, length_penalty=penalty)
+    likelihood scorer and in the generated ranking (beams as wide as the catalogue: every item),
+    whether the value is configured, chosen (``auto``) or set on a model configured with the mean."""
+    config = dict(toy_config_dict, score_method="generate", num_beams=40, length_penalty=configured)
     _, model, _, _, test_data = build(config)
+    if configured != penalty:
+        model.length_penalty = penalty
     batch = next(iter(test_data))[0]
     scores = model.full_sort_predict(batch)
     history = batch[model.ITEM_SEQ][0, : batch[model.ITEM_SEQ_LEN][0]].tolist()

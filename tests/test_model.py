@@ -150,7 +150,11 @@ def test_popularity_prior_adds_log_count(toy_config_dict):
         ("prompt_template", "no placeholder", r"prompt_template: must contain '\{history\}'"),
         ("llm_dtype", "int3", r"llm_dtype: 'int3' is not allowed"),
         ("llm_score_batch_tokens", 0, r"llm_score_batch_tokens: expected an integer >= 1, got 0"),
-        ("length_penalty", -0.5, r"length_penalty: expected a number in \[0, 2\] .*1 the mean, 0 the sum\), got -0.5"),
+        (
+            "length_penalty",
+            -0.5,
+            r"length_penalty: expected a number in \[0, 2\] .*1 the mean, 0 the sum\) or auto .*got -0.5",
+        ),
         ("length_penalty", "mean", r"length_penalty: expected a number in \[0, 2\]"),
     ],
 )
