@@ -166,12 +166,16 @@ def batched_constrained_beam_search(
     return [ranked(list(f), [f[i][0] for i in f], [f[i][1] for i in f], length_penalty) for f in finished]
 
 
-def ranked(items: list[int], sums: list[float], lengths: list[int], length_penalty: float) -> list[tuple[int, float]]:
-    """(item, summed log-prob / tokens ** length_penalty), best first (ties: the smaller id)."""
+def ranked(
+    items: list[int], sums: list[float], lengths: list[int], length_penalty: float, prior: torch.Tensor | None = None
+) -> list[tuple[int, float]]:
+    """(item, summed log-prob / tokens ** length_penalty [+ prior[item]]), best first (ties: the smaller id)."""
     if not items:
         return []
-    scores = length_penalized(torch.tensor(sums, dtype=torch.float64), lengths, length_penalty).tolist()
-    return sorted(zip(items, scores), key=lambda kv: (-kv[1], kv[0]))
+    scores = length_penalized(torch.tensor(sums, dtype=torch.float64), lengths, length_penalty)
+    if prior is not None:
+        scores = scores + prior[items].double()
+    return sorted(zip(items, scores.tolist()), key=lambda kv: (-kv[1], kv[0]))
 
 
 def _feed(model, cache, live, trie, node_columns, prompt_columns, next_position, width, pad_id):
@@ -291,16 +295,12 @@ class Generator:
     def _finish(self, found: list[list[tuple[int, float]]]) -> list[list[tuple[int, float]]]:
         """Searches' (item, summed log-prob) to scores, best first: the length penalty in use (the
         scorer's: ``length_penalty: auto`` sets it on the valid split), then ``popularity_prior``."""
-        s, lengths = self.settings, self.prompts.item_token_ids
-        penalty = self.length_penalty()
-        found = [ranked([i for i, _ in pairs], [v for _, v in pairs], [len(lengths[i]) for i, _ in pairs], penalty)
-                 for pairs in found]  # fmt: skip
-        if s.popularity_prior:
-            prior = s.popularity_prior * torch.log1p(self.retriever.item_counts.float())
-            found = [
-                sorted(((i, v + float(prior[i])) for i, v in pairs), key=lambda kv: (-kv[1], kv[0])) for pairs in found
-            ]
-        return found
+        s, lengths, penalty = self.settings, self.prompts.item_token_ids, self.length_penalty()
+        prior = s.popularity_prior * torch.log1p(self.retriever.item_counts.float()) if s.popularity_prior else None
+        return [
+            ranked([i for i, _ in pairs], [v for _, v in pairs], [len(lengths[i]) for i, _ in pairs], penalty, prior)
+            for pairs in found
+        ]
 
     def _search(self, histories, requests, seen) -> list[list[tuple[int, float]]]:
         """Per user, the items the beams reached with their summed log-probabilities (what the cache keeps)."""

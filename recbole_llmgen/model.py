@@ -92,11 +92,7 @@ class LLMGen(SequentialRecommender):
 
     @length_penalty.setter
     def length_penalty(self, value: float | None) -> None:
-        scorer = self.scorer
-        if value is not None and value != 1.0 and not scorer.summed and self.settings.score_method != "verbalizer":
-            scorer.summed = True  # configured with the mean: from now on keep the sums the value divides
-            scorer.cache.clear()
-        scorer.length_penalty = value
+        self.scorer.set_length_penalty(value)
 
     # ------------------------------------------------------------------ training state
     def identity(self) -> dict:

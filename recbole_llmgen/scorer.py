@@ -87,6 +87,14 @@ class Scorer:
                 self.cache.put(keys[i], scores)
         return self._finish([found[i] for i in range(len(keys))], candidate_lists)
 
+    def set_length_penalty(self, value: float | None) -> None:
+        """The length penalty to rank by from now on (None: none chosen yet). A scorer set up for the
+        mean (fixed at 1) switches to keeping summed log-probabilities, which any value divides."""
+        if value is not None and value != 1.0 and not self.summed and self.settings.score_method != "verbalizer":
+            self.summed = True
+            self.cache.clear()  # it held means
+        self.length_penalty = value
+
     def active_length_penalty(self) -> float:
         if self.length_penalty is None:
             raise ValueError(

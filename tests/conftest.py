@@ -161,3 +161,11 @@ def train_steps(model, batch, steps: int, seed: int | None = None) -> list[float
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def record_evaluations(trainer, value) -> list:
+    """Wraps ``trainer.evaluate``: each call appends (the data it evaluated, ``value()`` then) to the
+    returned list (what a grid on the valid split tried, and on which split)."""
+    evaluated, original = [], trainer.evaluate
+    trainer.evaluate = lambda data, *a, **kw: evaluated.append((data, value())) or original(data, *a, **kw)
+    return evaluated

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import build
+from conftest import build, record_evaluations
 from test_two_stage import _bpr_file, _sasrec_file
 
 from recbole_llmgen import candidates as cand
@@ -99,9 +99,7 @@ def test_auto_chooses_on_valid_saves_and_reloads(toy_config_dict):
 
     config, model, train_data, valid_data, test_data = build({**toy_config_dict, "score_fusion": "auto"})
     trainer = LLMGenTrainer(config, model)
-    evaluated = []
-    original = trainer.evaluate
-    trainer.evaluate = lambda data, *a, **kw: evaluated.append((data, model.fusion_weight)) or original(data, *a, **kw)
+    evaluated = record_evaluations(trainer, lambda: model.fusion_weight)
     trainer.fit(train_data, valid_data, saved=True)
     grid = [w for data, w in evaluated if data is valid_data]
     assert sorted(set(grid)) == [round(0.1 * i, 1) for i in range(11)]

@@ -3,7 +3,7 @@ one LLM pass per user serves every value, the choice is saved and reloaded."""
 
 import pytest
 import torch
-from conftest import build
+from conftest import build, record_evaluations
 
 from recbole_llmgen.settings import LENGTH_PENALTY_GRID
 from recbole_llmgen.trainer import LLMGenTrainer
@@ -18,9 +18,7 @@ def test_auto_chooses_on_valid_scores_each_user_once_saves_and_reloads(toy_confi
 
     config, model, train_data, valid_data, test_data = build({**toy_config_dict, "length_penalty": "auto"})
     trainer = LLMGenTrainer(config, model)
-    evaluated = []
-    original = trainer.evaluate
-    trainer.evaluate = lambda data, *a, **kw: evaluated.append((data, model.length_penalty)) or original(data, *a, **kw)
+    evaluated = record_evaluations(trainer, lambda: model.length_penalty)
     trainer.fit(train_data, valid_data, saved=True)
     assert sorted({p for data, p in evaluated}) == sorted(LENGTH_PENALTY_GRID)
     assert all(data is valid_data for data, _ in evaluated)  # the grid never sees the test split

@@ -134,6 +134,20 @@ def test_popularity_prior_adds_log_count(toy_config_dict):
     assert torch.allclose(delta, 0.5 * torch.log1p(plain.retriever.item_counts[items].float()), atol=1e-5)
 
 
+def test_popularity_prior_adds_log_count_to_generated_items_and_reorders_them(toy_config_dict):
+    generate = dict(toy_config_dict, score_method="generate", num_beams=6)
+    _, plain, _, _, test_data = build(generate)
+    _, prior, *_ = build(dict(generate, popularity_prior=0.5))
+    batch = _first_batch(test_data)
+    history = batch[plain.ITEM_SEQ][0, : batch[plain.ITEM_SEQ_LEN][0]].tolist()
+    counts = plain.retriever.item_counts.float()
+    expected = sorted(((i, v + 0.5 * math.log1p(counts[i].item())) for i, v in plain.generator.items([history])[0]),
+                      key=lambda kv: (-kv[1], kv[0]))  # fmt: skip
+    found = prior.generator.items([history])[0]
+    assert [i for i, _ in found] == [i for i, _ in expected]
+    assert all(math.isclose(v, w, abs_tol=1e-5) for (_, v), (_, w) in zip(found, expected))
+
+
 # ------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "key,value,message",
