@@ -186,7 +186,7 @@ def main() -> None:
     head_s = best_seconds(lambda: llm.get_output_embeddings()(hidden), 3)
     logits = llm.get_output_embeddings()(hidden)
     index = torch.arange(len(logits))
-    softmax_s = best_seconds(lambda: scoring._read_logprobs(logits, index, torch.zeros_like(index)), 3)
+    softmax_s = best_seconds(lambda: scoring.read_logprobs(logits, index, torch.zeros_like(index)), 3)
     pass_total = build_s + cache_s + layers_s + head_s + softmax_s
     breakdown = {
         "users": len(first),

@@ -9,11 +9,71 @@ ranked while searching by their summed log-probability, as usual; finished items
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
-from recbole_llmgen.scoring import PackedRow, ScopedCache, SharedPrefix, length_penalized, pass_tensors
+from recbole_llmgen.llm import beam_attention
+from recbole_llmgen.scoring import (
+    PackedRow,
+    ScopedCache,
+    SharedPrefix,
+    length_penalized,
+    pass_tensors,
+    read_logprobs,
+)
+
+
+class _GrowingLayer(DynamicLayer):
+    """One layer's keys and values in buffers with room for ``capacity`` columns: a pass writes its
+    new columns in place and attention reads a view of the filled ones. (``DynamicLayer``
+    concatenates: the whole cache was copied at every beam step.) Grows by doubling if full."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.capacity, self.length, self.dtype = capacity, 0, dtype
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        rows, heads, _, _ = key_states.shape
+        dtype = self.dtype or key_states.dtype
+        self._keys = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1], dtype=dtype)
+        self._values = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1], dtype=dtype)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[2]:
+            room = max(end, 2 * self._keys.shape[2])
+            for name in ("_keys", "_values"):
+                old = getattr(self, name)
+                new = old.new_empty(*old.shape[:2], room, old.shape[-1])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, name, new)
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+class GrowingCache(Cache):
+    """A KV cache of ``rows`` rows with room for ``capacity`` columns per layer (:class:`_GrowingLayer`),
+    starting with the columns of ``start`` (a cache of ``rows`` rows, or of one row repeated), kept
+    in ``dtype`` (default: the model's; fp32 for :func:`~recbole_llmgen.llm.beam_attention_forward`)."""
+
+    def __init__(self, model, capacity: int, start: Cache | None = None, rows: int = 1, dtype=None):
+        layers = model.config.get_text_config().num_hidden_layers
+        super().__init__(layers=[_GrowingLayer(capacity, dtype) for _ in range(layers)])
+        for layer, source in zip(self.layers, start.layers if start is not None else []):
+            layer.update(source.keys.expand(rows, -1, -1, -1), source.values.expand(rows, -1, -1, -1))
 
 
 class ItemTrie:
@@ -28,6 +88,7 @@ class ItemTrie:
         self.children: list[dict[int, int]] = [{}]
         self.items: list[list[int]] = [[]]
         self.parent: list[int] = [-1]
+        self.token: list[int] = [-1]  # the token leading to each node
         paths: dict[int, list[int]] = {}  # item -> the nodes of its text, root excluded
         for tokens, item in zip(sequences, item_ids):
             if not tokens:
@@ -41,12 +102,14 @@ class ItemTrie:
                     self.children.append({})
                     self.items.append([])
                     self.parent.append(node)
+                    self.token.append(int(token))
                 node = nxt
                 paths.setdefault(int(item), []).append(node)
             self.items[node].append(int(item))
         for ids in self.items:
             ids.sort()
         self.paths = {item: np.asarray(nodes, dtype=np.int64) for item, nodes in paths.items()}
+        self.depth = max(len(tokens) for tokens in sequences) if len(sequences) else 0  # the longest text's tokens
         # items whose text ends at or below each node (a node is exhausted when a user has seen them all)
         self.below = np.bincount(np.concatenate([*self.paths.values(), np.zeros(0, np.int64)]), minlength=len(self))
 
@@ -114,55 +177,70 @@ def batched_constrained_beam_search(
     """
     if num_beams < 1:
         raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")
+    with beam_attention(model) as cache_dtype:
+        return _beam_search(model, prompts, trie, num_beams, pad_token_id, seen, shared, counts, length_penalty,
+                            cache_dtype)  # fmt: skip
+
+
+def _beam_search(model, prompts, trie, num_beams, pad_token_id, seen, shared, counts, length_penalty, cache_dtype):
     device, dtype = model.device, model.dtype
     seen_sets = [set(s) for s in seen] if seen is not None else [set() for _ in prompts]
     dead = [trie.exhausted(s) for s in seen_sets]
     offset = len(shared.ids) if shared is not None and all(shared.matches(p) for p in prompts) else 0
     rows = [PackedRow(list(p[offset:]), offset) for p in prompts]
     ids, positions, mask, keep = pass_tensors(rows, offset, pad_token_id, dtype)
-    cache = shared.batch_cache(len(rows)) if offset else None
     out = model(
         input_ids=ids.to(device),
         position_ids=positions.to(device),
         attention_mask=mask.to(device),
-        cache=cache,
+        cache=shared.batch_cache(len(rows)) if offset else None,
         use_cache=True,
         logits_to_keep=keep.to(device),
     )
-    cache, logits = out.cache, out.logits  # logits [users, V]: each prompt's last position
+    logits = out.logits  # [users, V]: each prompt's last position
+    # the beam steps' cache: the prompts', with room for every pass (at most max(num_beams, CHAIN_ROOM)
+    # new columns a pass, one pass per trie level)
+    room = offset + ids.shape[1] + max(num_beams, CHAIN_ROOM) * trie.depth
+    cache = GrowingCache(model, room, out.cache, len(rows), cache_dtype)
     counts = counts if counts is not None else {}
     counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + sum(len(r.prompt) for r in rows)
-    width = offset + ids.shape[1]  # columns in the cache
-    prompt_columns = [offset + len(r.prompt) for r in rows]  # user u sees columns [0, this)
-    next_position = [offset + len(r.prompt) for r in rows]  # position of a depth-1 token
-    node_columns: list[dict[int, list[int]]] = [{0: []} for _ in prompts]  # trie node -> its path's columns
-    # one entry per live beam: (user, trie node, summed log-prob, length); its log-probs are row `k` of logits
+    state = _Rows(
+        width=offset + ids.shape[1],  # columns in the cache
+        prompt_columns=[offset + len(r.prompt) for r in rows],  # user u sees columns [0, this)
+        next_position=[offset + len(r.prompt) for r in rows],  # position of a depth-1 token
+        node_columns=[{0: []} for _ in prompts],  # trie node -> its path's columns
+    )
+    # values[u][node]: log-probs of the node's children (trie order), once the node has been fed
+    values: list[dict[int, list[float]]] = [{} for _ in prompts]
+    _store_values(values, logits, [(user, 0) for user in range(len(prompts))], trie)
+    # one entry per live beam: (user, trie node, summed log-prob, length)
     beams = [(user, 0, 0.0, 0) for user in range(len(prompts))]
     finished: list[dict[int, tuple[float, int]]] = [{} for _ in prompts]  # item -> (summed log-prob, tokens)
     while beams:
-        values = iter(_allowed_logprobs(logits, beams, trie))
         per_user: dict[int, list] = {}
         for row, (user, node, total, length) in enumerate(beams):
-            for token, child in trie.children[node].items():
-                value = next(values)
+            for (token, child), value in zip(trie.children[node].items(), values[user][node]):
                 if child not in dead[user]:
                     per_user.setdefault(user, []).append((total + value, row, token, child, length + 1))
         live = []
         for user in sorted(per_user):
-            for total, _, token, child, length in sorted(per_user[user], key=lambda e: (-e[0], e[1], e[2]))[:num_beams]:
+            for total, _, _token, child, length in sorted(per_user[user], key=lambda e: (-e[0], e[1], e[2]))[
+                :num_beams
+            ]:
                 for item in trie.items[child]:
                     if item not in seen_sets[user]:
                         finished[user][item] = (total, length)
                 if trie.children[child]:
-                    live.append((user, child, total, length, token))
+                    live.append((user, child, total, length))
         if not live:
             break
-        counts["beam_tokens"] = counts.get("beam_tokens", 0) + len(live)
-        counts["steps"] = counts.get("steps", 0) + 1
-        logits, width = _feed(
-            model, cache, live, trie, node_columns, prompt_columns, next_position, width, pad_token_id
-        )
-        beams = [(user, child, total, length) for user, child, total, length, _ in live]
+        todo = [(user, child, length) for user, child, _, length in live if child not in values[user]]
+        if todo:  # beams on nodes fed ahead (a forced chain) need no pass
+            fed, logits = _feed(model, cache, todo, trie, dead, state, pad_token_id)
+            _store_values(values, logits, fed, trie)
+            counts["beam_tokens"] = counts.get("beam_tokens", 0) + len(fed)
+            counts["steps"] = counts.get("steps", 0) + 1
+        beams = live
     return [ranked(list(f), [f[i][0] for i in f], [f[i][1] for i in f], length_penalty) for f in finished]
 
 
@@ -178,59 +256,122 @@ def ranked(
     return sorted(zip(items, scores.tolist()), key=lambda kv: (-kv[1], kv[0]))
 
 
-def _feed(model, cache, live, trie, node_columns, prompt_columns, next_position, width, pad_id):
-    """One step: every live beam's new token as a node of its user's row. Returns the nodes'
-    logits [len(live), V] (in ``live`` order) and the cache's new width."""
-    users = len(node_columns)
-    per_row: list[list[int]] = [[] for _ in range(users)]
-    for k, (user, *_rest) in enumerate(live):
-        per_row[user].append(k)
-    step = max(len(r) for r in per_row)
-    ids = torch.full((users, step), pad_id, dtype=torch.long)
-    positions = torch.zeros((users, step), dtype=torch.long)
-    allowed = torch.zeros((users, step, width + step), dtype=torch.bool)
-    keep = torch.zeros((users, step), dtype=torch.bool)
-    diagonal = torch.arange(step)
-    allowed[:, diagonal, width + diagonal] = True  # every position sees itself (padding only itself)
+@dataclass
+class _Rows:
+    """Where each user's row of the search's KV cache stands."""
+
+    width: int  # columns in the cache (every row)
+    prompt_columns: list[int]  # user u's prompt occupies columns [0, this)
+    next_position: list[int]  # position id of user u's depth-1 tokens
+    node_columns: list[dict[int, list[int]]]  # per user: trie node -> the columns of its path
+
+
+CHAIN_ROOM = 8  # tokens a row may take in one pass to feed forced chains ahead (when fewer beams need it)
+
+
+def _feed(model, cache, todo, trie, dead, rows: _Rows, pad_id: int):
+    """One pass: the token of every node in ``todo`` ((user, node, depth): a live beam's node whose
+    children's log-probs are not known yet) as a new column of its user's row, each attending to its
+    user's prompt and its own path only (an additive 4-D mask). A pass has as many new columns as
+    the busiest row needs; the spare columns of the other rows feed *forced chains* ahead: a node
+    with a single allowed child (the middle of a long title) is fed together with that child, so
+    the beam's next steps need no pass of their own (a beam pruned later only wasted a spare
+    column). With few beams left a row may take up to ``CHAIN_ROOM`` columns for them (a pass
+    costs ~40 ms of weights streamed however few its tokens, a token ~1 ms: 2-core EPYC, bf16).
+
+    Returns the fed (user, node) pairs in row order and their logits [fed, V]."""
+    users = len(rows.node_columns)
+    per_row: list[list[tuple[int, int]]] = [[] for _ in range(users)]  # per user: (node, depth) to feed
+    for user, node, depth in todo:
+        per_row[user].append((node, depth))
+    step = max(max(len(r) for r in per_row), CHAIN_ROOM)
+    fed_per_row = []
     for user, entries in enumerate(per_row):
-        for j, k in enumerate(entries):
-            _, child, _, length, token = live[k]
-            parent = trie.parent[child]
-            path = node_columns[user][parent] + [width + j]
-            node_columns[user][child] = path
-            ids[user, j] = token
-            positions[user, j] = next_position[user] + length - 1
-            allowed[user, j, : prompt_columns[user]] = True
-            allowed[user, j, path] = True
-            keep[user, j] = True
-    mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill_(~allowed, torch.finfo(model.dtype).min)
+        chains = [[entry] for entry in entries]
+        room = step - len(entries)
+        while room > 0 and chains:  # extend each chain by its forced next node, round-robin
+            extended = False
+            for chain in chains:
+                if room == 0:
+                    break
+                nxt = _forced_child(trie, chain[-1][0], dead[user])
+                if nxt is not None:
+                    chain.append((nxt, chain[-1][1] + 1))
+                    room -= 1
+                    extended = True
+            if not extended:
+                break
+        fed_per_row.append([(node, depth, chain[k - 1][0] if k else None) for chain in chains
+                            for k, (node, depth) in enumerate(chain)])  # fmt: skip
+    step = max(len(r) for r in fed_per_row)
+    width = rows.width
+    ids = np.full((users, step), pad_id, dtype=np.int64)
+    positions = np.zeros((users, step), dtype=np.int64)
+    keep = np.zeros((users, step), dtype=bool)
+    path_at: list[tuple[int, int, int]] = []  # (user, slot, column) of every fed node's path
+    fed: list[tuple[int, int]] = []
+    for user, entries in enumerate(fed_per_row):
+        columns = rows.node_columns[user]
+        for j, (node, depth, chained_from) in enumerate(entries):
+            parent = chained_from if chained_from is not None else trie.parent[node]
+            path = columns[parent] + [width + j]
+            columns[node] = path
+            ids[user, j], positions[user, j], keep[user, j] = (
+                trie.token[node],
+                rows.next_position[user] + depth - 1,
+                True,
+            )
+            path_at.extend((user, j, column) for column in path)
+            fed.append((user, node))
+    # a node sees its user's prompt and its own path; padding sees only itself
+    allowed = (np.arange(width + step) < np.asarray(rows.prompt_columns)[:, None])[:, None, :] & keep[:, :, None]
+    allowed[:, np.arange(step), width + np.arange(step)] = True
+    u, j, c = np.asarray(path_at).T
+    allowed[u, j, c] = True
+    mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill_(
+        ~torch.from_numpy(allowed), torch.finfo(model.dtype).min
+    )
     device = model.device
     logits = model(
-        input_ids=ids.to(device),
-        position_ids=positions.to(device),
+        input_ids=torch.from_numpy(ids).to(device),
+        position_ids=torch.from_numpy(positions).to(device),
         attention_mask=mask[:, None].to(device),
         cache=cache,
         use_cache=True,
-        logits_to_keep=keep.to(device),
-    ).logits  # [kept, V], row by row: user 0's nodes, then user 1's...
-    order = [k for entries in per_row for k in entries]
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))
-    return logits[back.to(device)], width + step
+        logits_to_keep=torch.from_numpy(keep).to(device),
+    ).logits  # [fed, V], row by row: user 0's nodes, then user 1's...
+    rows.width = width + step
+    return fed, logits
 
 
-def _allowed_logprobs(logits: torch.Tensor, beams, trie: ItemTrie) -> list[float]:
-    """Each beam's log-probabilities of the tokens its trie node allows, in the order of
-    ``trie.children[node]``, beam after beam. Normalised over the whole vocabulary on the model's
-    device; only the allowed entries are copied to the host (never a [rows, vocabulary] tensor)."""
+def _forced_child(trie: ItemTrie, node: int, dead: set[int]) -> int | None:
+    """The only child of ``node`` a beam there could enter, when it has children of its own (so its
+    log-probs will be needed); else None."""
+    allowed = [child for child in trie.children[node].values() if child not in dead]
+    return allowed[0] if len(allowed) == 1 and trie.children[allowed[0]] else None
+
+
+def _store_values(values, logits: torch.Tensor, fed: list[tuple[int, int]], trie: ItemTrie) -> None:
+    """values[user][node] = the log-probs of the node's children, read from row k of ``logits`` for
+    the k-th (user, node) of ``fed``."""
+    flat = iter(_allowed_logprobs(logits, [node for _, node in fed], trie))
+    for user, node in fed:
+        values[user][node] = [next(flat) for _ in trie.children[node]]
+
+
+def _allowed_logprobs(logits: torch.Tensor, nodes: list[int], trie: ItemTrie) -> list[float]:
+    """For row k of ``logits``, the log-probabilities of the tokens trie node ``nodes[k]`` allows,
+    in the order of ``trie.children[node]``, row after row. Normalised over the whole vocabulary on
+    the model's device, a block of rows at a time (:func:`~recbole_llmgen.scoring.read_logprobs`: a
+    whole [rows, vocabulary] fp32 copy left the CPU's caches); only the allowed entries are copied
+    to the host."""
     rows, tokens = [], []
-    for row, (_, node, _, _) in enumerate(beams):
+    for row, node in enumerate(nodes):
         children = trie.children[node]
         rows.extend([row] * len(children))
         tokens.extend(children)
-    index = torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)
-    picked = logits[index].float()
-    return (picked - torch.logsumexp(logits.float(), dim=-1)[index[0]]).tolist()
+    device = logits.device
+    return read_logprobs(logits, torch.tensor(rows, device=device), torch.tensor(tokens, device=device)).tolist()
 
 
 class Generator:

@@ -194,7 +194,7 @@ def pass_tensors(rows: Sequence[PackedRow], shared_length: int, pad_id: int, dty
 LOGSOFTMAX_ROWS = {"cpu": 32}  # rows per log-softmax chunk; other devices: 1024 (one kernel launch per chunk)
 
 
-def _read_logprobs(logits: torch.Tensor, flat_index: torch.Tensor, tokens: torch.Tensor, chunk: int | None = None):
+def read_logprobs(logits: torch.Tensor, flat_index: torch.Tensor, tokens: torch.Tensor, chunk: int | None = None):
     """log p(token) at row ``flat_index`` of ``logits`` [M, V] for each read, in fp32. [R]
 
     The log-softmax runs over ``chunk`` rows at a time (on a CPU 32: a fused fp32 output small
@@ -309,7 +309,7 @@ def _score_pass(model, rows: Sequence[PackedRow], shared: SharedPrefix | None, p
             flat.extend(base + 1 + node for node, _ in reads)  # node -1 = the prompt's last token
             tokens.extend(token for _, token in reads)
         base += 1 + len(row.nodes)
-    values = _read_logprobs(logits, torch.tensor(flat, device=device), torch.tensor(tokens, device=device)).cpu()
+    values = read_logprobs(logits, torch.tensor(flat, device=device), torch.tensor(tokens, device=device)).cpu()
     spans_iter = iter(spans)
     for row in rows:
         user, indices = row.owner
