@@ -301,8 +301,7 @@ def _feed(model, cache, todo, trie, dead, rows: _Rows, pad_id: int):
                     extended = True
             if not extended:
                 break
-        fed_per_row.append([(node, depth, chain[k - 1][0] if k else None) for chain in chains
-                            for k, (node, depth) in enumerate(chain)])  # fmt: skip
+        fed_per_row.append([entry for chain in chains for entry in chain])  # a parent before its child
     step = max(len(r) for r in fed_per_row)
     width = rows.width
     ids = np.full((users, step), pad_id, dtype=np.int64)
@@ -312,15 +311,12 @@ def _feed(model, cache, todo, trie, dead, rows: _Rows, pad_id: int):
     fed: list[tuple[int, int]] = []
     for user, entries in enumerate(fed_per_row):
         columns = rows.node_columns[user]
-        for j, (node, depth, chained_from) in enumerate(entries):
-            parent = chained_from if chained_from is not None else trie.parent[node]
-            path = columns[parent] + [width + j]
+        for j, (node, depth) in enumerate(entries):
+            path = columns[trie.parent[node]] + [width + j]  # the parent: fed before, or earlier in this row
             columns[node] = path
-            ids[user, j], positions[user, j], keep[user, j] = (
-                trie.token[node],
-                rows.next_position[user] + depth - 1,
-                True,
-            )
+            ids[user, j] = trie.token[node]
+            positions[user, j] = rows.next_position[user] + depth - 1
+            keep[user, j] = True
             path_at.extend((user, j, column) for column in path)
             fed.append((user, node))
     # a node sees its user's prompt and its own path; padding sees only itself
