@@ -20,6 +20,7 @@ from recbole_llmgen.scoring import (
     PackedRow,
     ScopedCache,
     SharedPrefix,
+    additive_mask,
     length_penalized,
     pass_tensors,
     read_logprobs,
@@ -288,19 +289,17 @@ def _feed(model, cache, todo, trie, dead, rows: _Rows, pad_id: int):
     fed_per_row = []
     for user, entries in enumerate(per_row):
         chains = [[entry] for entry in entries]
-        room = step - len(entries)
-        while room > 0 and chains:  # extend each chain by its forced next node, round-robin
-            extended = False
-            for chain in chains:
-                if room == 0:
+        room, growing = step - len(entries), chains
+        while room > 0 and growing:  # extend each chain by its forced next node, round-robin
+            still = []  # the chains extended this round (one that ended never extends again)
+            for chain in growing:
+                if len(still) == room:
                     break
                 nxt = _forced_child(trie, chain[-1][0], dead[user])
                 if nxt is not None:
                     chain.append((nxt, chain[-1][1] + 1))
-                    room -= 1
-                    extended = True
-            if not extended:
-                break
+                    still.append(chain)
+            room, growing = room - len(still), still
         fed_per_row.append([entry for chain in chains for entry in chain])  # a parent before its child
     step = max(len(r) for r in fed_per_row)
     width = rows.width
@@ -324,14 +323,11 @@ def _feed(model, cache, todo, trie, dead, rows: _Rows, pad_id: int):
     allowed[:, np.arange(step), width + np.arange(step)] = True
     u, j, c = np.asarray(path_at).T
     allowed[u, j, c] = True
-    mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill_(
-        ~torch.from_numpy(allowed), torch.finfo(model.dtype).min
-    )
     device = model.device
     logits = model(
         input_ids=torch.from_numpy(ids).to(device),
         position_ids=torch.from_numpy(positions).to(device),
-        attention_mask=mask[:, None].to(device),
+        attention_mask=additive_mask(allowed, model.dtype).to(device),
         cache=cache,
         use_cache=True,
         logits_to_keep=torch.from_numpy(keep).to(device),

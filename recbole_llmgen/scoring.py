@@ -187,8 +187,13 @@ def pass_tensors(rows: Sequence[PackedRow], shared_length: int, pad_id: int, dty
         padding = np.arange(p + n, width)
         allowed[b, padding, s + padding] = True  # padding sees itself only (never read)
         keep[b, p - 1 : p + n] = True
+    return torch.from_numpy(ids), torch.from_numpy(positions), additive_mask(allowed, dtype), torch.from_numpy(keep)
+
+
+def additive_mask(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The 4-D additive attention mask [B, 1, T, S] of a boolean [B, T, S] (True: may attend)."""
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~torch.from_numpy(allowed), torch.finfo(dtype).min)
-    return torch.from_numpy(ids), torch.from_numpy(positions), mask[:, None], torch.from_numpy(keep)
+    return mask[:, None]
 
 
 LOGSOFTMAX_ROWS = {"cpu": 32}  # rows per log-softmax chunk; other devices: 1024 (one kernel launch per chunk)
