@@ -7,6 +7,7 @@ as a safetensors folder so later loads take well under a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -260,13 +261,19 @@ def beam_attention(llm):
     """The beam search on a CPU: :func:`beam_attention_forward` while it runs, the model's own
     attention restored afterwards. Yields the dtype the search's KV cache should keep (fp32 when
     switched, else None: the model's). Elsewhere, or for a model that cannot switch, nothing changes."""
+    _register_beam_attention()
+    with _cpu_sdpa_replaced(llm, BEAM_ATTENTION) as switched:
+        yield torch.float32 if switched else None
+
+
+@functools.cache
+def _register_beam_attention() -> None:
+    """Makes :func:`beam_attention_forward` known to transformers as ``BEAM_ATTENTION`` (once)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(BEAM_ATTENTION, beam_attention_forward)
     AttentionMaskInterface.register(BEAM_ATTENTION, sdpa_mask)
-    with _cpu_sdpa_replaced(llm, BEAM_ATTENTION) as switched:
-        yield torch.float32 if switched else None
 
 
 def default_cache_dir() -> Path:
