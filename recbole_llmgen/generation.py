@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from recbole_llmgen.decoder import SCRATCH_COLUMNS, PackedDecoder, scratch
 from recbole_llmgen.llm import beam_attention
 from recbole_llmgen.scoring import (
     PackedRow,
@@ -30,36 +31,64 @@ from recbole_llmgen.scoring import (
 class _GrowingLayer(DynamicLayer):
     """One layer's keys and values in buffers with room for ``capacity`` columns: a pass writes its
     new columns in place and attention reads a view of the filled ones. (``DynamicLayer``
-    concatenates: the whole cache was copied at every beam step.) Grows by doubling if full."""
+    concatenates: the whole cache was copied at every beam step.) Grows by doubling if full.
+    With a ``pool``, the buffers are :func:`~recbole_llmgen.decoder.scratch` ones under ``key``."""
 
-    def __init__(self, capacity: int, dtype: torch.dtype | None = None):
+    def __init__(self, capacity: int, dtype: torch.dtype | None = None, pool: dict | None = None, key=None):
         super().__init__()
-        self.capacity, self.length, self.dtype = capacity, 0, dtype
+        self.capacity, self.length, self.dtype, self.pool, self.key = capacity, 0, dtype, pool, key
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def _buffers(self, rows: int, heads: int, columns: int, d: int, dtype, device):
+        if self.pool is not None:
+            columns = -(-columns // SCRATCH_COLUMNS) * SCRATCH_COLUMNS
+        return tuple(scratch(self.pool, (self.key, part), (rows, heads, columns, d), dtype, device) for part in "kv")
+
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, rows: int | None = None
+    ) -> None:
         self.device = key_states.device
-        rows, heads, _, _ = key_states.shape
+        rows = rows or key_states.shape[0]
         dtype = self.dtype or key_states.dtype
-        self._keys = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1], dtype=dtype)
-        self._values = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1], dtype=dtype)
+        self._keys, self._values = self._buffers(rows, key_states.shape[1], self.capacity, key_states.shape[-1], dtype,
+                                                 self.device)  # fmt: skip
         self.is_initialized = True
+
+    def _room(self, end: int) -> None:
+        """Buffers of at least ``end`` columns (doubling), the filled ones kept."""
+        if end > self._keys.shape[2]:
+            rows, heads, columns, d = self._keys.shape
+            keys, values = self._buffers(rows, heads, max(end, 2 * columns), d, self._keys.dtype, self.device)
+            keys[:, :, : self.length] = self._keys[:, :, : self.length]
+            values[:, :, : self.length] = self._values[:, :, : self.length]
+            self._keys, self._values = keys, values
+
+    def _filled(self, end: int):
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self._keys.shape[2]:
-            room = max(end, 2 * self._keys.shape[2])
-            for name in ("_keys", "_values"):
-                old = getattr(self, name)
-                new = old.new_empty(*old.shape[:2], room, old.shape[-1])
-                new[:, :, : self.length] = old[:, :, : self.length]
-                setattr(self, name, new)
+        self._room(end)
         self._keys[:, :, self.length : end] = key_states
         self._values[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self.keys, self.values
+        return self._filled(end)
+
+    def put(self, rows: torch.Tensor, columns: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
+            batch: int, step: int):  # fmt: skip
+        """``step`` new columns in each of the ``batch`` rows: token k's key and value [N, heads, d]
+        at (``rows[k]``, ``columns[k]``), the other new columns zero (masked, but finite). Returns
+        the filled views, as :meth:`update` does (:class:`~recbole_llmgen.decoder.PackedDecoder`)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states, rows=batch)
+        end = self.length + step
+        self._room(end)
+        for buffer, states in ((self._keys, key_states), (self._values, value_states)):
+            buffer[:, :, self.length : end].zero_()
+            buffer[rows, :, columns] = states.to(buffer.dtype)
+        return self._filled(end)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -68,11 +97,12 @@ class _GrowingLayer(DynamicLayer):
 class GrowingCache(Cache):
     """A KV cache of ``rows`` rows with room for ``capacity`` columns per layer (:class:`_GrowingLayer`),
     starting with the columns of ``start`` (a cache of ``rows`` rows, or of one row repeated), kept
-    in ``dtype`` (default: the model's; fp32 for :func:`~recbole_llmgen.llm.beam_attention_forward`)."""
+    in ``dtype`` (default: the model's; fp32 for :func:`~recbole_llmgen.llm.beam_attention_forward`),
+    its buffers from ``pool`` when given (:func:`~recbole_llmgen.decoder.scratch`)."""
 
-    def __init__(self, model, capacity: int, start: Cache | None = None, rows: int = 1, dtype=None):
+    def __init__(self, model, capacity: int, start: Cache | None = None, rows: int = 1, dtype=None, pool=None):
         layers = model.config.get_text_config().num_hidden_layers
-        super().__init__(layers=[_GrowingLayer(capacity, dtype) for _ in range(layers)])
+        super().__init__(layers=[_GrowingLayer(capacity, dtype, pool, i) for i in range(layers)])
         for layer, source in zip(self.layers, start.layers if start is not None else []):
             layer.update(source.keys.expand(rows, -1, -1, -1), source.values.expand(rows, -1, -1, -1))
 
@@ -162,6 +192,7 @@ def batched_constrained_beam_search(
     shared: SharedPrefix | None = None,
     counts: dict | None = None,
     length_penalty: float = 1.0,
+    pool: dict | None = None,
 ) -> list[list[tuple[int, float]]]:
     """Catalogue-constrained beam search for several users at once, best items first per user.
 
@@ -175,34 +206,48 @@ def batched_constrained_beam_search(
     user as a node of that user's row; a 4-D attention mask lets a node see its user's prompt and
     its own ancestors only (beams of a user share their common prefix, as the trie does). No KV
     cache is copied per beam, and only the allowed tokens' log-probabilities leave the device.
+    On a CPU, a Llama-style model's passes run on the real tokens only (:class:`~recbole_llmgen.decoder.PackedDecoder`).
+    ``pool``: a dict that keeps the KV cache's and logits' buffers for the next call
+    (:func:`~recbole_llmgen.decoder.scratch`; one search at a time).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")
     with beam_attention(model) as cache_dtype:
         return _beam_search(model, prompts, trie, num_beams, pad_token_id, seen, shared, counts, length_penalty,
-                            cache_dtype)  # fmt: skip
+                            cache_dtype, pool)  # fmt: skip
 
 
-def _beam_search(model, prompts, trie, num_beams, pad_token_id, seen, shared, counts, length_penalty, cache_dtype):
+def _beam_search(
+    model, prompts, trie, num_beams, pad_token_id, seen, shared, counts, length_penalty, cache_dtype, pool
+):
     device, dtype = model.device, model.dtype
     seen_sets = [set(s) for s in seen] if seen is not None else [set() for _ in prompts]
     dead = [trie.exhausted(s) for s in seen_sets]
     offset = len(shared.ids) if shared is not None and all(shared.matches(p) for p in prompts) else 0
     rows = [PackedRow(list(p[offset:]), offset) for p in prompts]
     ids, positions, mask, keep = pass_tensors(rows, offset, pad_token_id, dtype)
-    out = model(
-        input_ids=ids.to(device),
-        position_ids=positions.to(device),
-        attention_mask=mask.to(device),
-        cache=shared.batch_cache(len(rows)) if offset else None,
-        use_cache=True,
-        logits_to_keep=keep.to(device),
-    )
-    logits = out.logits  # [users, V]: each prompt's last position
     # the beam steps' cache: the prompts', with room for every pass (at most max(num_beams, CHAIN_ROOM)
     # new columns a pass, one pass per trie level)
     room = offset + ids.shape[1] + max(num_beams, CHAIN_ROOM) * trie.depth
-    cache = GrowingCache(model, room, out.cache, len(rows), cache_dtype)
+    decoder = PackedDecoder.of(model) if cache_dtype is not None else None  # a CPU: the packed forward
+    if decoder is not None:
+        cache = GrowingCache(model, room, shared.cache if offset else None, len(rows), cache_dtype, pool)
+        lengths = torch.tensor([len(r.prompt) for r in rows])
+        real = torch.arange(ids.shape[1]) < lengths[:, None]
+        at_rows, at_slots = real.nonzero(as_tuple=True)
+        logits = decoder(ids[real].to(device), positions[real].to(device), at_rows.to(device), at_slots.to(device),
+                         ids.shape[1], cache, mask.to(device), (lengths.cumsum(0) - 1).to(device), pool)  # fmt: skip
+    else:
+        out = model(
+            input_ids=ids.to(device),
+            position_ids=positions.to(device),
+            attention_mask=mask.to(device),
+            cache=shared.batch_cache(len(rows)) if offset else None,
+            use_cache=True,
+            logits_to_keep=keep.to(device),
+        )
+        logits = out.logits  # [users, V]: each prompt's last position
+        cache = GrowingCache(model, room, out.cache, len(rows), cache_dtype, pool)
     counts = counts if counts is not None else {}
     counts["prompt_tokens"] = counts.get("prompt_tokens", 0) + sum(len(r.prompt) for r in rows)
     state = _Rows(
@@ -237,7 +282,7 @@ def _beam_search(model, prompts, trie, num_beams, pad_token_id, seen, shared, co
             break
         todo = [(user, child, length) for user, child, _, length in live if child not in values[user]]
         if todo:  # beams on nodes fed ahead (a forced chain) need no pass
-            fed, logits = _feed(model, cache, todo, trie, dead, state, pad_token_id)
+            fed, logits = _feed(model, decoder, cache, todo, trie, dead, state, pad_token_id, pool)
             _store_values(values, logits, fed, trie)
             counts["beam_tokens"] = counts.get("beam_tokens", 0) + len(fed)
             counts["steps"] = counts.get("steps", 0) + 1
@@ -267,10 +312,10 @@ class _Rows:
     node_columns: list[dict[int, list[int]]]  # per user: trie node -> the columns of its path
 
 
-CHAIN_ROOM = 8  # tokens a row may take in one pass to feed forced chains ahead (when fewer beams need it)
+CHAIN_ROOM = 16  # tokens a row may take in one pass to feed forced chains ahead (when fewer beams need it)
 
 
-def _feed(model, cache, todo, trie, dead, rows: _Rows, pad_id: int):
+def _feed(model, decoder, cache, todo, trie, dead, rows: _Rows, pad_id: int, pool=None):
     """One pass: the token of every node in ``todo`` ((user, node, depth): a live beam's node whose
     children's log-probs are not known yet) as a new column of its user's row, each attending to its
     user's prompt and its own path only (an additive 4-D mask). A pass has as many new columns as
@@ -323,15 +368,20 @@ def _feed(model, cache, todo, trie, dead, rows: _Rows, pad_id: int):
     allowed[:, np.arange(step), width + np.arange(step)] = True
     u, j, c = np.asarray(path_at).T
     allowed[u, j, c] = True
-    device = model.device
-    logits = model(
-        input_ids=torch.from_numpy(ids).to(device),
-        position_ids=torch.from_numpy(positions).to(device),
-        attention_mask=additive_mask(allowed, model.dtype).to(device),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=torch.from_numpy(keep).to(device),
-    ).logits  # [fed, V], row by row: user 0's nodes, then user 1's...
+    device, mask = model.device, additive_mask(allowed, model.dtype).to(model.device)
+    if decoder is not None:  # the real tokens only, row after row
+        at_rows, at_slots = (torch.from_numpy(a).to(device) for a in np.nonzero(keep))
+        ids_, positions_ = (torch.from_numpy(a[keep]).to(device) for a in (ids, positions))
+        logits = decoder(ids_, positions_, at_rows, at_slots, step, cache, mask, pool=pool)
+    else:
+        logits = model(
+            input_ids=torch.from_numpy(ids).to(device),
+            position_ids=torch.from_numpy(positions).to(device),
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=torch.from_numpy(keep).to(device),
+        ).logits  # [fed, V], row by row: user 0's nodes, then user 1's...
     rows.width = width + step
     return fed, logits
 
@@ -442,13 +492,13 @@ class Generator:
         longest = self.prompts.longest_item
         prompts = [self.prompts.build(h, reserve_tokens=longest, request=r) for h, r in zip(histories, requests)]
         shared = self.shared_prefix() if self.shared_prefix is not None else None
-        found = []
+        found, pool = [], {}  # the batches reuse one set of buffers
         for start in range(0, len(prompts), s.generation_users_per_batch):
             end = start + s.generation_users_per_batch
             found.extend(
                 batched_constrained_beam_search(
                     self.llm, prompts[start:end], self.trie(), s.num_beams, self.prompts.tokenizer.pad_token_id,
-                    seen=seen[start:end], shared=shared, counts=self.counts, length_penalty=0.0,
+                    seen=seen[start:end], shared=shared, counts=self.counts, length_penalty=0.0, pool=pool,
                 )
             )  # fmt: skip
         return found

@@ -1,0 +1,162 @@
+"""The beam search's forward passes over packed tokens (a CPU, Llama-style decoders).
+
+A batched forward pass of a Hugging Face model runs every token-wise part (norms, projections,
+MLP) on [rows, columns], padding included. The beam search's passes are ragged: a pass has as many
+new columns as its busiest row needs (20 beams in a user's heavy steps, 1-3 in its tail) and the
+other rows pad up to it (20% of the columns on ml-100k with 8 users a pass, more with more users).
+:class:`PackedDecoder` runs the token-wise parts on the real tokens only, [N, hidden], and only
+attention on the [rows, columns] layout, reading and writing the rows of the search's KV cache (a
+:class:`~recbole_llmgen.generation.GrowingCache`) in place. So a pass's cost follows its real
+tokens, not its rows x columns, and a pass can take many users at once.
+
+It calls the model's own modules (embedding, norms, projections, rotary embedding, MLP, output
+layer), so LoRA adapters, merged or not, and the model's dtype work as in its own forward; the
+attention arithmetic is :func:`~recbole_llmgen.llm.packed_head_attention`, the one the model's passes
+use during the search. Supported: decoders whose layers are Llama's (``model_type`` llama, qwen2,
+qwen3, mistral) without a sliding window; :meth:`PackedDecoder.of` returns None for anything else,
+and the search then takes the model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recbole_llmgen.llm import packed_head_attention
+
+LLAMA_STYLE = {"llama", "mistral", "qwen2", "qwen3"}
+SCRATCH_COLUMNS = 128  # a pooled cache buffer's columns are a multiple of this (reused by the next batch)
+
+
+def scratch(pool: dict | None, key, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape``: a view of ``pool[key]`` when that is at least as large
+    in every dimension (its leading part), else a new one kept there. The beam search allocates its
+    KV cache and logits afresh for every batch of users, hundreds of MB that the allocator hands
+    back to the system and gets again, every page faulted in anew (~10% of the search on a 2-core
+    EPYC); a pool that lives across one call's batches allocates them once. ``pool`` None: a new
+    tensor every time."""
+    held = pool.get(key) if pool is not None else None
+    if held is None or held.dtype != dtype or held.dim() != len(shape) or any(h < n for h, n in zip(held.shape, shape)):
+        held = torch.empty(shape, dtype=dtype, device=device)
+        if pool is not None:
+            pool[key] = held
+    return held[tuple(slice(0, n) for n in shape)]
+
+
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class PackedDecoder:
+    """A forward pass of a Llama-style decoder over packed tokens (see the module's note)."""
+
+    def __init__(self, model):
+        inner = model.model
+        self.embed, self.layers, self.norm, self.rotary = (
+            model.get_input_embeddings(),
+            inner.layers,
+            inner.norm,
+            inner.rotary_emb,
+        )
+        self.head = model.get_output_embeddings()
+        attention = self.layers[0].self_attn
+        config = model.config.get_text_config()
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            attention.head_dim,
+        )
+        self.scaling = attention.scaling
+
+    @staticmethod
+    def of(model) -> PackedDecoder | None:
+        """The packed forward of ``model`` (a peft model: its base model, adapters in place), or
+        None when its architecture is not one this forward reproduces."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config.get_text_config()
+        if config.model_type not in LLAMA_STYLE or _sliding(config):
+            return None
+        inner = getattr(base, "model", None)
+        if inner is None or not all(hasattr(inner, part) for part in ("layers", "norm", "rotary_emb", "embed_tokens")):
+            return None
+        for layer in inner.layers:
+            if not all(hasattr(layer, part) for part in _LAYER_PARTS):
+                return None
+            if not all(hasattr(layer.self_attn, part) for part in _ATTENTION_PARTS):
+                return None
+        if base.get_output_embeddings() is None or config.num_attention_heads % config.num_key_value_heads:
+            return None
+        return PackedDecoder(base)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        step: int,
+        cache,
+        mask: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        pool: dict | None = None,
+    ) -> torch.Tensor:
+        """Logits [K, V] of the kept tokens (``keep``: indices into the N tokens; None: all), in order.
+
+        Token k (``ids[k]`` at position ``positions[k]``) is column ``width + slots[k]`` of row
+        ``rows[k]`` of ``cache`` (``width``: its columns before this pass; ``step`` new columns a
+        row, the unused ones zero). ``mask``: additive [rows, 1, step, width + step]: what each
+        new column may attend to (an unused column should see at least itself). ``pool``: where
+        the logits' buffer is reused from (:func:`scratch`)."""
+        layers = cache.layers
+        width, batch = layers[0].get_seq_length(), mask.shape[0]
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        groups = heads // kv_heads
+        h = self.embed(ids)  # [N, hidden]
+        n = h.shape[0]
+        cos, sin = self.rotary(h[None], positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, d]
+        flat = rows * step + slots  # each token's place in the [rows * step] layout
+        columns = width + slots
+        # the mask for the query heads that share a key/value head, packed along the query axis, once a pass
+        mask = mask[:, :, None].expand(batch, 1, groups, step, mask.shape[-1]).reshape(batch, 1, groups * step, -1)
+        for layer, stored in zip(self.layers, layers):
+            attention = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attention.q_proj(x).view(n, heads, d)
+            k = attention.k_proj(x).view(n, kv_heads, d)
+            v = attention.v_proj(x).view(n, kv_heads, d)
+            if hasattr(attention, "q_norm"):  # qwen3
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = stored.put(rows, columns, k, v, batch, step)
+            padded = q.new_zeros(batch * step, heads, d)
+            padded[flat] = q
+            padded = (
+                padded.view(batch, step, kv_heads, groups, d).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, d)
+            )
+            out = packed_head_attention(padded, keys, values, mask, self.scaling, step)  # [rows, kv, groups * step, d]
+            out = out.view(batch, kv_heads, groups, step, d).permute(0, 3, 1, 2, 4).reshape(batch * step, heads * d)
+            h = h + attention.o_proj(out[flat])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if keep is not None:
+            h = h[keep]
+        h = self.norm(h)
+        head = self.head
+        if type(head) is not torch.nn.Linear or head.bias is not None:
+            return head(h)
+        out = scratch(pool, "logits", (h.shape[0], head.out_features), h.dtype, h.device)
+        return torch.mm(h, head.weight.t(), out=out)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _sliding(config) -> bool:
+    """Whether attention is limited to a window (mistral's ``sliding_window``; qwen's when ``use_sliding_window``)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return False
+    return config.model_type == "mistral" or bool(getattr(config, "use_sliding_window", False))
