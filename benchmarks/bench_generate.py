@@ -42,6 +42,7 @@ def main() -> None:
 
     import recbole_llmgen
     from recbole_llmgen.cli import parse_overrides
+    from recbole_llmgen.decoder import allocator_keeps_memory
     from recbole_llmgen.generation import batched_constrained_beam_search
 
     overrides = {
@@ -105,11 +106,13 @@ def main() -> None:
     for i in range(0, len(prompts), step):
         previous_search(model.llm, prompts[i : i + step], trie, beams, pad)
     previous_s = time.perf_counter() - start
-    per_batch = config["generation_users_per_batch"]
+    per_batch, pool = config["generation_users_per_batch"], {}
     start = time.perf_counter()
-    for i in range(0, len(prompts), per_batch):
-        batched_constrained_beam_search(model.llm, prompts[i : i + per_batch], trie, beams, pad,
-                                        seen=seen[i : i + per_batch], shared=model.scorer.shared_prefix())  # fmt: skip
+    with allocator_keeps_memory():  # as the Generator runs its batches
+        for i in range(0, len(prompts), per_batch):
+            batched_constrained_beam_search(model.llm, prompts[i : i + per_batch], trie, beams, pad,
+                                            seen=seen[i : i + per_batch], shared=model.scorer.shared_prefix(),
+                                            pool=pool)  # fmt: skip
     present_s = time.perf_counter() - start
     print(f"previous search: {len(prompts)} users in {previous_s:.1f} s; present: {present_s:.1f} s", flush=True)
     print(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from recbole_llmgen.decoder import SCRATCH_COLUMNS, PackedDecoder, scratch
+from recbole_llmgen.decoder import SCRATCH_COLUMNS, PackedDecoder, allocator_keeps_memory, scratch
 from recbole_llmgen.llm import beam_attention
 from recbole_llmgen.scoring import (
     PackedRow,
@@ -212,7 +212,7 @@ def batched_constrained_beam_search(
     """
     if num_beams < 1:
         raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")
-    with beam_attention(model) as cache_dtype:
+    with beam_attention(model) as cache_dtype, allocator_keeps_memory():
         return _beam_search(model, prompts, trie, num_beams, pad_token_id, seen, shared, counts, length_penalty,
                             cache_dtype, pool)  # fmt: skip
 
@@ -492,15 +492,16 @@ class Generator:
         longest = self.prompts.longest_item
         prompts = [self.prompts.build(h, reserve_tokens=longest, request=r) for h, r in zip(histories, requests)]
         shared = self.shared_prefix() if self.shared_prefix is not None else None
-        found, pool = [], {}  # the batches reuse one set of buffers
-        for start in range(0, len(prompts), s.generation_users_per_batch):
-            end = start + s.generation_users_per_batch
-            found.extend(
-                batched_constrained_beam_search(
-                    self.llm, prompts[start:end], self.trie(), s.num_beams, self.prompts.tokenizer.pad_token_id,
-                    seen=seen[start:end], shared=shared, counts=self.counts, length_penalty=0.0, pool=pool,
-                )
-            )  # fmt: skip
+        found, pool = [], {}  # the batches reuse one set of buffers, and the allocator its memory
+        with allocator_keeps_memory():
+            for start in range(0, len(prompts), s.generation_users_per_batch):
+                end = start + s.generation_users_per_batch
+                found.extend(
+                    batched_constrained_beam_search(
+                        self.llm, prompts[start:end], self.trie(), s.num_beams, self.prompts.tokenizer.pad_token_id,
+                        seen=seen[start:end], shared=shared, counts=self.counts, length_penalty=0.0, pool=pool,
+                    )
+                )  # fmt: skip
         return found
 
     @torch.no_grad()

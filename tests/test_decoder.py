@@ -116,3 +116,27 @@ def test_a_pool_hands_the_next_batch_the_same_buffers():
     larger = scratch(pool, "k", (4, 3, 12), torch.float32, "cpu")
     assert larger.data_ptr() != first.data_ptr() and pool["k"].shape == (4, 3, 12)
     assert scratch(None, "k", (1,), torch.float32, "cpu").shape == (1,)  # no pool: a new tensor
+
+
+def test_the_allocator_keeps_memory_in_the_outermost_block_only_and_is_restored(monkeypatch):
+    from recbole_llmgen import decoder
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+    monkeypatch.setattr(decoder, "_glibc", lambda: FakeLibc())
+    with decoder.allocator_keeps_memory():
+        with decoder.allocator_keeps_memory():  # a search inside the Generator's block
+            assert len(calls) == 2
+        assert len(calls) == 2  # the inner block changed nothing
+    assert calls[0] == ("mallopt", decoder._M_MMAP_THRESHOLD, 32 << 20)
+    assert calls[1][:2] == ("mallopt", decoder._M_TRIM_THRESHOLD) and 0 < calls[1][2] < 2**31  # a C int
+    assert calls[2:] == [("mallopt", decoder._M_TRIM_THRESHOLD, 64 << 20)]
+    with pytest.raises(RuntimeError):  # restored on an error too
+        with decoder.allocator_keeps_memory():
+            raise RuntimeError
+    assert calls[-1] == ("mallopt", decoder._M_TRIM_THRESHOLD, 64 << 20) and not decoder._keeping
