@@ -25,16 +25,18 @@ import ctypes.util
 import functools
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
-from recbole_llmgen.llm import packed_head_attention
+from recbole_llmgen.llm import packed_head_attention, packed_head_mask
 
 LLAMA_STYLE = {"llama", "mistral", "qwen2", "qwen3"}
 SCRATCH_COLUMNS = 128  # a pooled cache buffer's columns are a multiple of this (reused by the next batch)
 
 
 def scratch(pool: dict | None, key, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` (KV cache, padded queries, logits): a view of ``pool[key]`` when that is at least as large
-    in every dimension (its leading part), else a new one kept there. The beam search allocates its
+    """An uninitialised tensor of ``shape`` (KV cache, padded queries, logits): a view of
+    ``pool[key]`` when that is at least as large in every dimension (its leading part), else a new
+    one kept there. The beam search allocates its
     KV cache and logits afresh for every batch of users, hundreds of MB that the allocator hands
     back to the system and gets again, every page faulted in anew (~10% of the search on a 2-core
     EPYC); a pool that lives across one call's batches allocates them once. ``pool`` None: a new
@@ -122,8 +124,7 @@ class PackedDecoder:
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, d]
         flat = rows * step + slots  # each token's place in the [rows * step] layout
         columns = width + slots
-        # the mask for the query heads that share a key/value head, packed along the query axis, once a pass
-        mask = mask[:, :, None].expand(batch, 1, groups, step, mask.shape[-1]).reshape(batch, 1, groups * step, -1)
+        mask = packed_head_mask(mask, groups)  # once a pass, not once a layer
         for layer, stored in zip(self.layers, layers):
             attention = layer.self_attn
             x = layer.input_layernorm(h)
@@ -132,8 +133,8 @@ class PackedDecoder:
             v = attention.v_proj(x).view(n, kv_heads, d)
             if hasattr(attention, "q_norm"):  # qwen3
                 q, k = attention.q_norm(q), attention.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin  # the model's rotary arithmetic (llama's, as qwen and mistral)
+            k = k * cos + rotate_half(k) * sin
             keys, values = stored.put(rows, columns, k, v, batch, step)
             padded = scratch(pool, "queries", (batch * step, heads, d), q.dtype, q.device).zero_()
             padded[flat] = q
@@ -152,11 +153,6 @@ class PackedDecoder:
             return head(h)
         out = scratch(pool, "logits", (h.shape[0], head.out_features), h.dtype, h.device)
         return torch.mm(h, head.weight.t(), out=out)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _sliding(config) -> bool:
@@ -193,8 +189,8 @@ def allocator_keeps_memory():
     in at each allocation; an RMSNorm over [1800, 576] took 1.2 ms so, 0.5 ms with the memory kept, a
     gated MLP's elementwise part 10 ms against 1.7 ms (2-core EPYC). Afterwards the thresholds are
     the highest glibc's own adaptive ones reach (32 MB mapped, 64 MB kept free at the heap's top;
-    more goes back at the next release, as glibc does). Nested blocks: the outermost one counts. Elsewhere than glibc:
-    nothing changes."""
+    more goes back at the next release, as glibc does). Nested blocks: the outermost one counts.
+    Elsewhere than glibc: nothing changes."""
     global _keeping
     libc = _glibc()
     if libc is None or _keeping:  # elsewhere, or inside an outer block: as it is

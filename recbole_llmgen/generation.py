@@ -206,9 +206,10 @@ def batched_constrained_beam_search(
     user as a node of that user's row; a 4-D attention mask lets a node see its user's prompt and
     its own ancestors only (beams of a user share their common prefix, as the trie does). No KV
     cache is copied per beam, and only the allowed tokens' log-probabilities leave the device.
-    On a CPU, a Llama-style model's passes run on the real tokens only (:class:`~recbole_llmgen.decoder.PackedDecoder`).
-    ``pool``: a dict that keeps the KV cache's and logits' buffers for the next call
-    (:func:`~recbole_llmgen.decoder.scratch`; one search at a time).
+    On a CPU, a Llama-style model's passes run on the real tokens only
+    (:class:`~recbole_llmgen.decoder.PackedDecoder`). ``pool``: a dict that keeps the KV cache's,
+    padded queries' and logits' buffers for the next call (:func:`~recbole_llmgen.decoder.scratch`;
+    one search at a time).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams}")

@@ -234,11 +234,12 @@ def beam_attention_forward(module, query, key, value, attention_mask, scaling=No
     tokens a row, against ~250 cached) is plain fp32 matmuls and softmax over the bf16-rounded
     queries, keys and values: 2-4x faster than PyTorch's fused CPU kernel at these shapes and as
     close to an fp32 model as the model's own bf16 SDPA. A prompt pass is the model's eager
-    arithmetic on the packed heads (:func:`packed_head_attention`). Anything else (a per-head mask, training) goes to the model's SDPA."""
+    arithmetic on the packed heads (:func:`packed_head_attention`). Anything else (a per-head mask,
+    training) goes to the model's SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, heads, q, d = query.shape
-    kv_heads, k = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     mask = attention_mask
     if module.training or mask is None or mask.dim() != 4 or mask.shape[1] != 1 or heads % kv_heads:
         return sdpa_attention_forward(module, query, key.to(query.dtype), value.to(query.dtype), mask,
@@ -246,9 +247,15 @@ def beam_attention_forward(module, query, key, value, attention_mask, scaling=No
     groups = heads // kv_heads
     scale = scaling if scaling is not None else d**-0.5
     packed = query.reshape(b, kv_heads, groups * q, d)
-    mask = mask[:, :, None].expand(b, 1, groups, q, k).reshape(b, 1, groups * q, k)
-    out = packed_head_attention(packed, key, value, mask, scale, q)
+    out = packed_head_attention(packed, key, value, packed_head_mask(mask, groups), scale, q)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
+
+
+def packed_head_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """An additive mask [B, 1, q, k] repeated for the ``groups`` query heads that share a key/value
+    head, packed along the query axis as :func:`packed_head_attention` takes them: [B, 1, groups * q, k]."""
+    b, _, q, k = mask.shape
+    return mask[:, :, None].expand(b, 1, groups, q, k).reshape(b, 1, groups * q, k)
 
 
 def packed_head_attention(query, key, value, mask, scale: float, new_tokens: int) -> torch.Tensor:
