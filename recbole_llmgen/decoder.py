@@ -34,16 +34,19 @@ SCRATCH_COLUMNS = 128  # a pooled cache buffer's columns are a multiple of this 
 
 
 def scratch(pool: dict | None, key, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` (KV cache, padded queries, logits): a view of
-    ``pool[key]`` when that is at least as large in every dimension (its leading part), else a new
-    one kept there. The beam search allocates its
-    KV cache and logits afresh for every batch of users, hundreds of MB that the allocator hands
-    back to the system and gets again, every page faulted in anew (~10% of the search on a 2-core
-    EPYC); a pool that lives across one call's batches allocates them once. ``pool`` None: a new
-    tensor every time."""
+    """A tensor of ``shape`` (KV cache, padded queries, logits): a view of ``pool[key]`` when that
+    is at least as large in every dimension (its leading part, holding what its last user left),
+    else a new one of zeros, kept there. The beam search allocates its KV cache and logits afresh
+    for every batch of users, hundreds of MB that the allocator hands back to the system and gets
+    again, every page faulted in anew (~10% of the search on a 2-core EPYC); a pool that lives
+    across one call's batches allocates them once. ``pool`` None: new zeros every time.
+
+    Zeros, not uninitialised memory: the beam search's buffers then only ever hold finite numbers
+    (keys, values, queries), so a column or query slot a pass leaves unused needs no clearing (the
+    mask gives it a weight of exactly zero; 0 x NaN would not be zero)."""
     held = pool.get(key) if pool is not None else None
     if held is None or held.dtype != dtype or held.dim() != len(shape) or any(h < n for h, n in zip(held.shape, shape)):
-        held = torch.empty(shape, dtype=dtype, device=device)
+        held = torch.zeros(shape, dtype=dtype, device=device)
         if pool is not None:
             pool[key] = held
     return held[tuple(slice(0, n) for n in shape)]
@@ -124,7 +127,7 @@ class PackedDecoder:
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, d]
         flat = rows * step + slots  # each token's place in the [rows * step] layout
         columns = width + slots
-        mask = packed_head_mask(mask, groups)  # once a pass, not once a layer
+        mask = packed_head_mask(mask.float(), groups)  # once a pass, not once a layer
         for layer, stored in zip(self.layers, layers):
             attention = layer.self_attn
             x = layer.input_layernorm(h)
@@ -135,8 +138,8 @@ class PackedDecoder:
                 q, k = attention.q_norm(q), attention.k_norm(k)
             q = q * cos + rotate_half(q) * sin  # the model's rotary arithmetic (llama's, as qwen and mistral)
             k = k * cos + rotate_half(k) * sin
-            keys, values = stored.put(rows, columns, k, v, batch, step)
-            padded = scratch(pool, "queries", (batch * step, heads, d), q.dtype, q.device).zero_()
+            keys, values = stored.put(rows, columns, k, v, batch, step)  # keys [rows, kv, d, columns]
+            padded = scratch(pool, "queries", (batch * step, heads, d), q.dtype, q.device)  # unused slots: finite
             padded[flat] = q
             padded = (
                 padded.view(batch, step, kv_heads, groups, d).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, d)

@@ -247,7 +247,7 @@ def beam_attention_forward(module, query, key, value, attention_mask, scaling=No
     groups = heads // kv_heads
     scale = scaling if scaling is not None else d**-0.5
     packed = query.reshape(b, kv_heads, groups * q, d)
-    out = packed_head_attention(packed, key, value, packed_head_mask(mask, groups), scale, q)
+    out = packed_head_attention(packed, key.transpose(2, 3), value, packed_head_mask(mask, groups), scale, q)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
 
 
@@ -258,18 +258,20 @@ def packed_head_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
     return mask[:, :, None].expand(b, 1, groups, q, k).reshape(b, 1, groups * q, k)
 
 
-def packed_head_attention(query, key, value, mask, scale: float, new_tokens: int) -> torch.Tensor:
+def packed_head_attention(query, key_t, value, mask, scale: float, new_tokens: int) -> torch.Tensor:
     """Attention of ``query`` [B, Hkv, groups * q, d] (the query heads that share a key/value head,
-    packed along the query axis; q = ``new_tokens`` a row) over ``key`` / ``value`` [B, Hkv, k, d]
-    with an additive ``mask`` [B, 1, groups * q, k]; in the query's dtype. Up to ``SMALL_QUERY``
-    new tokens a row (a beam step): fp32 matmuls and softmax, no copy of an fp32 cache; more (a
-    prompt pass): the model's eager arithmetic (matmuls in the query's dtype, the softmax in fp32),
-    1.7x faster than PyTorch's SDPA with a mask at a prompt pass's shapes (8 rows of 140 tokens,
-    2-core EPYC, bf16)."""
-    if new_tokens <= SMALL_QUERY:
-        scores = torch.matmul(query.float(), key.float().transpose(2, 3)).mul_(scale).add_(mask)
+    packed along the query axis; q = ``new_tokens`` a row) over keys ``key_t`` [B, Hkv, d, k]
+    (transposed) and ``value`` [B, Hkv, k, d] with an additive ``mask`` [B, 1, groups * q, k]; in
+    the query's dtype. Over an fp32 cache (:func:`beam_attention_forward`), up to ``SMALL_QUERY``
+    new tokens a row (a beam step): fp32 matmuls and softmax, no copy of the cache. Otherwise the
+    model's eager arithmetic: matmuls in the query's dtype, the softmax in fp32. Over a bf16 cache
+    whose keys are stored transposed (:class:`~recbole_llmgen.decoder.PackedDecoder`) a beam step
+    (16 rows x 60 packed queries x 275 columns) takes 0.71 ms so, against 1.61 ms in fp32; a prompt
+    pass 1.7x less than PyTorch's SDPA with a mask (2-core EPYC)."""
+    if new_tokens <= SMALL_QUERY and key_t.dtype == torch.float32:
+        scores = torch.matmul(query.float(), key_t).mul_(scale).add_(mask)
         return torch.matmul(torch.softmax(scores, dim=-1), value.float()).to(query.dtype)
-    scores = torch.matmul(query, key.to(query.dtype).transpose(2, 3)).float().mul_(scale).add_(mask)
+    scores = torch.matmul(query, key_t.to(query.dtype)).float().mul_(scale).add_(mask)
     return torch.matmul(torch.softmax(scores, dim=-1).to(query.dtype), value.to(query.dtype))
 
 

@@ -73,11 +73,16 @@ def test_packed_forward_gives_the_models_logits(kind, n_new):
         plain = model(input_ids=padded_ids, position_ids=padded_positions, attention_mask=mask,
                       cache=GrowingCache(model, 64, start, 2), use_cache=True).logits[keep]  # fmt: skip
         with beam_attention(model) as cache_dtype:
-            cache = GrowingCache(model, 8, start, 2, cache_dtype)  # too small: grows while writing
-            packed = decoder(ids, positions, rows, slots, n_new, cache, mask, pool={})
-    assert packed.shape == plain.shape
-    assert torch.allclose(packed, plain, atol=1e-4)
-    assert cache.get_seq_length() == 6 + n_new
+            # the search's cache (the model's dtype, keys transposed) and an fp32 one as the model's
+            # forward keeps it; both too small: they grow while writing
+            for cache in (
+                GrowingCache(model, 8, start, 2, None, {}, True),
+                GrowingCache(model, 8, start, 2, cache_dtype),
+            ):
+                packed = decoder(ids, positions, rows, slots, n_new, cache, mask, pool={})
+                assert packed.shape == plain.shape
+                assert torch.allclose(packed, plain, atol=1e-4)
+                assert cache.get_seq_length() == 6 + n_new
 
 
 def test_an_architecture_it_does_not_reproduce_takes_the_models_forward():
@@ -98,8 +103,9 @@ def test_the_packed_and_the_models_forward_rank_alike(tiny_llm, monkeypatch):
     seen = [[1], [], [2, 3]]
     pool = {}
     batched_constrained_beam_search(model, prompts, trie, 4, seen=seen, pool=pool)
-    for buffer in pool.values():  # what the last batch left: the next must not read it
-        buffer.fill_(float("nan"))
+    torch.manual_seed(3)
+    for buffer in pool.values():  # what the last batch left (finite numbers): the next must not read it
+        buffer.copy_(torch.randn(buffer.shape) * 30)
     packed = batched_constrained_beam_search(model, prompts, trie, 4, seen=seen, pool=pool)
     monkeypatch.setattr(generation.PackedDecoder, "of", staticmethod(lambda model: None))
     plain = batched_constrained_beam_search(model, prompts, trie, 4, seen=seen)
@@ -116,6 +122,9 @@ def test_a_pool_hands_the_next_batch_the_same_buffers():
     larger = scratch(pool, "k", (4, 3, 12), torch.float32, "cpu")
     assert larger.data_ptr() != first.data_ptr() and pool["k"].shape == (4, 3, 12)
     assert scratch(None, "k", (1,), torch.float32, "cpu").shape == (1,)  # no pool: a new tensor
+    # new buffers are zeros (finite: an unused column of the search's cache is never cleared)
+    assert not scratch({}, "k", (64, 64), torch.bfloat16, "cpu").any()
+    assert not scratch(pool, "k", (8, 3, 12), torch.float32, "cpu").any()
 
 
 def test_the_allocator_keeps_memory_in_the_outermost_block_only_and_is_restored(monkeypatch):

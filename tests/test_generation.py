@@ -299,3 +299,26 @@ def test_the_fusion_grid_generates_for_each_valid_user_once(toy_config_dict):
     users = sum(len(batch[0]) for batch in valid_data)
     LLMGenTrainer(config, model).fit(train_data, valid_data, saved=False)
     assert model.generator.searched_users == users and model.fusion_weight is not None
+
+
+def test_users_are_batched_by_prompt_length_and_the_buffers_kept_until_the_weights_change(toy_config_dict):
+    config = dict(toy_config_dict, score_method="generate", num_beams=4, generation_users_per_batch=2)
+    _, model, _, _, test_data = build(config)
+    model.eval()
+    batch = next(iter(test_data))[0]
+    view = model.retriever.view(batch)
+    # prompts of several lengths, not in order: the batches reorder them
+    histories = [history[-keep:] for history, keep in zip(view.histories, (6, 2, 9, 1, 4))]
+    seen = view.seen[:5]
+    generator = model.generator
+    together = generator.items(histories, seen=seen)
+    buffers = {key: held.data_ptr() for key, held in generator._pool.items()}
+    assert buffers  # the packed search's cache, queries and logits
+    assert generator.items(histories, seen=seen) == together
+    assert {key: held.data_ptr() for key, held in generator._pool.items()} == buffers  # the same memory again
+    for history, blocked, pairs in zip(histories, seen, together):  # each user's own results, in the caller's order
+        alone = generator.items([history], seen=[blocked])[0]
+        assert [i for i, _ in pairs] == [i for i, _ in alone]
+        assert dict(pairs) == pytest.approx(dict(alone), abs=1e-4)
+    model.train()  # the weights will change: the buffers go
+    assert generator._pool == {}
