@@ -27,10 +27,13 @@ import functools
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from recbole_llmgen.llm import packed_head_attention, packed_head_mask
+from recbole_llmgen.llm import packed_head_attention
 
 LLAMA_STYLE = {"llama", "mistral", "qwen2", "qwen3"}
 SCRATCH_COLUMNS = 128  # a pooled cache buffer's columns are a multiple of this (reused by the next batch)
+# a pass with more new tokens a row (a prompt) attends in chunks of this many, each over the columns up to
+# its last token: 3 chunks skip ~30% of a 175-token prompt's causal attention
+QUERY_CHUNK = 64
 
 
 def scratch(pool: dict | None, key, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -114,8 +117,9 @@ class PackedDecoder:
 
         Token k (``ids[k]`` at position ``positions[k]``) is column ``width + slots[k]`` of row
         ``rows[k]`` of ``cache`` (``width``: its columns before this pass; ``step`` new columns a
-        row, the unused ones zero). ``mask``: additive [rows, 1, step, width + step]: what each
-        new column may attend to (an unused column should see at least itself). ``pool``: where
+        row, the unused ones holding finite numbers). ``mask``: additive [rows, 1, step, width + step]: what each
+        new column may attend to (an unused column should see at least itself; none may see a
+        later new column, as causal masks and the search's tree masks are). ``pool``: where
         the logits' buffer is reused from (:func:`scratch`)."""
         layers = cache.layers
         width, batch = layers[0].get_seq_length(), mask.shape[0]
@@ -127,7 +131,12 @@ class PackedDecoder:
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, d]
         flat = rows * step + slots  # each token's place in the [rows * step] layout
         columns = width + slots
-        mask = packed_head_mask(mask.float(), groups)  # once a pass, not once a layer
+        # queries packed per key/value head, slot-major (slot i's query head g of a key/value head at
+        # i * groups + g), so a range of slots is a range of rows and a chunk of a prompt's tokens
+        # attends over the columns up to its last one only (a token never sees a later one)
+        mask = mask.float()[:, :, :, None].expand(batch, 1, step, groups, width + step)
+        mask = mask.reshape(batch, 1, step * groups, width + step)  # once a pass, not once a layer
+        chunks = [(a, min(a + QUERY_CHUNK, step)) for a in range(0, step, QUERY_CHUNK)]
         for layer, stored in zip(self.layers, layers):
             attention = layer.self_attn
             x = layer.input_layernorm(h)
@@ -136,17 +145,18 @@ class PackedDecoder:
             v = attention.v_proj(x).view(n, kv_heads, d)
             if hasattr(attention, "q_norm"):  # qwen3
                 q, k = attention.q_norm(q), attention.k_norm(k)
-            q = q * cos + rotate_half(q) * sin  # the model's rotary arithmetic (llama's, as qwen and mistral)
-            k = k * cos + rotate_half(k) * sin
+            # the model's rotary arithmetic (llama's, as qwen's and mistral's), on q and k at once
+            qk = torch.cat((q, k), dim=1)
+            qk = torch.addcmul(qk * cos, rotate_half(qk), sin)
+            q, k = qk[:, :heads], qk[:, heads:]
             keys, values = stored.put(rows, columns, k, v, batch, step)  # keys [rows, kv, d, columns]
             padded = scratch(pool, "queries", (batch * step, heads, d), q.dtype, q.device)  # unused slots: finite
             padded[flat] = q
-            padded = (
-                padded.view(batch, step, kv_heads, groups, d).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, d)
-            )
-            out = packed_head_attention(padded, keys, values, mask, self.scaling, step)  # [rows, kv, groups * step, d]
-            out = out.view(batch, kv_heads, groups, step, d).permute(0, 3, 1, 2, 4).reshape(batch * step, heads * d)
-            h = h + attention.o_proj(out[flat])
+            padded = padded.view(batch, step, kv_heads, groups, d).transpose(1, 2).reshape(batch, kv_heads, -1, d)
+            out = self._attend(padded, keys, values, mask, width, chunks)  # [rows, kv, step * groups, d]
+            # -> the real tokens' [N, heads * d]
+            out = out.view(batch, kv_heads, step, groups, d).transpose(1, 2)[rows, slots].reshape(n, heads * d)
+            h = h + attention.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if keep is not None:
             h = h[keep]
@@ -156,6 +166,26 @@ class PackedDecoder:
             return head(h)
         out = scratch(pool, "logits", (h.shape[0], head.out_features), h.dtype, h.device)
         return torch.mm(h, head.weight.t(), out=out)
+
+    def _attend(self, queries, keys, values, mask, width: int, chunks: list[tuple[int, int]]) -> torch.Tensor:
+        """Attention of slot-major packed ``queries`` [rows, kv, step * groups, d] over ``keys``
+        [rows, kv, d, width + step] and ``values``, chunk by chunk of slots [a, e), each over the
+        columns before ``width + e`` (a token sees no later one)."""
+        g = self.heads // self.kv_heads
+        if len(chunks) == 1:
+            return packed_head_attention(queries, keys, values, mask, self.scaling, chunks[0][1])
+        parts = [
+            packed_head_attention(
+                queries[:, :, a * g : e * g],
+                keys[..., : width + e],
+                values[:, :, : width + e],
+                mask[:, :, a * g : e * g, : width + e],
+                self.scaling,
+                e - a,
+            )  # fmt: skip
+            for a, e in chunks
+        ]
+        return torch.cat(parts, dim=2)
 
 
 def _sliding(config) -> bool:

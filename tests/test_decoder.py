@@ -48,12 +48,13 @@ def _pass(n_new: int):
     allowed[:, :, :6] = True
     allowed[:, torch.arange(n_new), 6 + torch.arange(n_new)] = True
     allowed[0, 1:, 6] = True  # row 0's later tokens see its first
+    allowed[0, 100:, 50:60] = n_new > 100  # ... and, when many, some in a chunk before theirs
     allowed[1, 1, 6] = True
     return ids, positions, rows, slots, allowed
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("n_new", [3, 40])  # a beam step (fp32 attention), a prompt-sized pass
+@pytest.mark.parametrize("n_new", [3, 40, 150])  # a beam step, a prompt-sized pass, one attended in chunks
 def test_packed_forward_gives_the_models_logits(kind, n_new):
     model = _model(kind)
     decoder = PackedDecoder.of(model)
