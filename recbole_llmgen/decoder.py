@@ -117,10 +117,10 @@ class PackedDecoder:
 
         Token k (``ids[k]`` at position ``positions[k]``) is column ``width + slots[k]`` of row
         ``rows[k]`` of ``cache`` (``width``: its columns before this pass; ``step`` new columns a
-        row, the unused ones holding finite numbers). ``mask``: additive [rows, 1, step, width + step]: what each
-        new column may attend to (an unused column should see at least itself; none may see a
-        later new column, as causal masks and the search's tree masks are). ``pool``: where
-        the logits' buffer is reused from (:func:`scratch`)."""
+        row, the unused ones holding finite numbers). ``mask``: additive [rows, 1, step, width +
+        step]: what each new column may attend to (an unused column should see at least itself;
+        none may see a later new column, as causal masks and the search's tree masks are).
+        ``pool``: where the queries' and logits' buffers are reused from (:func:`scratch`)."""
         layers = cache.layers
         width, batch = layers[0].get_seq_length(), mask.shape[0]
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
