@@ -99,17 +99,16 @@ class _GrowingLayer(DynamicLayer):
         """``step`` new columns in each of the ``batch`` rows: token k's key and value [N, heads, d]
         at (``rows[k]``, ``columns[k]``); the other new columns keep what they hold (finite, masked).
         Returns the filled keys as [rows, heads, d, columns] and values [rows, heads, columns, d]
-        (:class:`~recbole_llmgen.decoder.PackedDecoder`)."""
+        (:class:`~recbole_llmgen.decoder.PackedDecoder`, whose cache keeps its keys transposed)."""
+        if not self.transposed:
+            raise ValueError("put: a cache with keys_transposed=True (the packed forward's layout) was expected")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states, rows=batch)
         self._room(self.length + step)
-        if self.transposed:
-            self._keys[rows, :, :, columns] = key_states.to(self._keys.dtype)
-        else:
-            self._keys[rows, :, columns] = key_states.to(self._keys.dtype)
+        self._keys[rows, :, :, columns] = key_states.to(self._keys.dtype)
         self._values[rows, :, columns] = value_states.to(self._values.dtype)
-        keys, values = self._filled(self.length + step)
-        return keys.transpose(2, 3), values
+        self._filled(self.length + step)
+        return self._columns(self._keys, 0, self.length, True), self.values
 
     def get_seq_length(self) -> int:
         return self.length
@@ -260,9 +259,8 @@ def _beam_search(
         cache = GrowingCache(model, room, shared.cache if offset else None, len(rows), None, pool, True)
         lengths = torch.tensor([len(r.prompt) for r in rows])
         real = torch.arange(ids.shape[1]) < lengths[:, None]
-        at_rows, at_slots = real.nonzero(as_tuple=True)
-        logits = decoder(ids[real].to(device), positions[real].to(device), at_rows.to(device), at_slots.to(device),
-                         ids.shape[1], cache, mask.to(device), (lengths.cumsum(0) - 1).to(device), pool)  # fmt: skip
+        logits = decoder(*_real_tokens(ids, positions, real, device), ids.shape[1], cache, mask.to(device),
+                         (lengths.cumsum(0) - 1).to(device), pool)  # fmt: skip
     else:
         out = model(
             input_ids=ids.to(device),
@@ -396,9 +394,8 @@ def _feed(model, decoder, cache, todo, trie, dead, rows: _Rows, pad_id: int, poo
     allowed[u, j, c] = True
     device, mask = model.device, additive_mask(allowed, model.dtype).to(model.device)
     if decoder is not None:  # the real tokens only, row after row
-        at_rows, at_slots = (torch.from_numpy(a).to(device) for a in np.nonzero(keep))
-        ids_, positions_ = (torch.from_numpy(a[keep]).to(device) for a in (ids, positions))
-        logits = decoder(ids_, positions_, at_rows, at_slots, step, cache, mask, pool=pool)
+        tokens = _real_tokens(*(torch.from_numpy(a) for a in (ids, positions, keep)), device)
+        logits = decoder(*tokens, step, cache, mask, pool=pool)
     else:
         logits = model(
             input_ids=torch.from_numpy(ids).to(device),
@@ -410,6 +407,13 @@ def _feed(model, decoder, cache, todo, trie, dead, rows: _Rows, pad_id: int, poo
         ).logits  # [fed, V], row by row: user 0's nodes, then user 1's...
     rows.width = width + step
     return fed, logits
+
+
+def _real_tokens(ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, device):
+    """The real tokens of a padded pass [rows, step] (``real``: bool), row after row, as
+    :class:`~recbole_llmgen.decoder.PackedDecoder` takes them: ids, positions, rows, slots [N]."""
+    rows, slots = real.nonzero(as_tuple=True)
+    return tuple(t.to(device) for t in (ids[real], positions[real], rows, slots))
 
 
 def _forced_child(trie: ItemTrie, node: int, dead: set[int]) -> int | None:

@@ -74,12 +74,10 @@ def test_packed_forward_gives_the_models_logits(kind, n_new):
         plain = model(input_ids=padded_ids, position_ids=padded_positions, attention_mask=mask,
                       cache=GrowingCache(model, 64, start, 2), use_cache=True).logits[keep]  # fmt: skip
         with beam_attention(model) as cache_dtype:
-            # the search's cache (the model's dtype, keys transposed) and an fp32 one as the model's
-            # forward keeps it; both too small: they grow while writing
-            for cache in (
-                GrowingCache(model, 8, start, 2, None, {}, True),
-                GrowingCache(model, 8, start, 2, cache_dtype),
-            ):
+            # the search's cache (the model's dtype) and an fp32 one (the fp32 beam-step arithmetic),
+            # keys transposed; both too small: they grow while writing
+            for dtype in None, cache_dtype:
+                cache = GrowingCache(model, 8, start, 2, dtype, {}, True)
                 packed = decoder(ids, positions, rows, slots, n_new, cache, mask, pool={})
                 assert packed.shape == plain.shape
                 assert torch.allclose(packed, plain, atol=1e-4)

@@ -17,6 +17,15 @@ CATALOGUE = st.lists(st.lists(TOKENS, min_size=1, max_size=5), min_size=1, max_s
 SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def _generating(toy_config_dict, **settings):
+    """A ``score_method: generate`` LLMGen in eval mode, its first test batch and that batch's
+    histories / seen items (``retriever.view``)."""
+    _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", **settings))
+    model.eval()
+    batch = next(iter(test_data))[0]
+    return model, batch, model.retriever.view(batch)
+
+
 @given(CATALOGUE)
 def test_trie_maps_every_text_to_all_its_items(texts):
     items = list(range(1, len(texts) + 1))
@@ -239,11 +248,7 @@ def test_no_beam_is_spent_on_a_seen_item(tiny_llm, texts, num_beams, data):
 
 
 def test_generation_never_recommends_a_training_item_beyond_the_sequence_window(toy_config_dict):
-    config = dict(toy_config_dict, score_method="generate", num_beams=4, MAX_ITEM_LIST_LENGTH=3)
-    _, model, _, _, test_data = build(config)
-    model.eval()
-    batch = next(iter(test_data))[0]
-    view = model.retriever.view(batch)
+    model, batch, view = _generating(toy_config_dict, num_beams=4, MAX_ITEM_LIST_LENGTH=3)
     assert any(len(set(seen)) > len(history) for seen, history in zip(view.seen, view.histories))
     found = model.generator.items(view.histories, seen=view.seen)
     for pairs, seen in zip(found, view.seen):
@@ -257,11 +262,7 @@ def test_generation_never_recommends_a_training_item_beyond_the_sequence_window(
 
 
 def test_candidate_source_none_ranks_the_catalogue_from_the_llm_alone(toy_config_dict):
-    _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", candidate_source="none",
-                                           num_beams=3))  # fmt: skip
-    model.eval()
-    batch = next(iter(test_data))[0]
-    view = model.retriever.view(batch)
+    model, batch, view = _generating(toy_config_dict, candidate_source="none", num_beams=3)
     scores = model.full_sort_predict(batch).cpu()
     counts = model.retriever.item_counts
     for row, (seen, pairs) in enumerate(zip(view.seen, model.generator.items(view.histories, seen=view.seen))):
@@ -276,10 +277,7 @@ def test_candidate_source_none_ranks_the_catalogue_from_the_llm_alone(toy_config
 
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_generated_items_fuse_with_the_candidate_models_score(toy_config_dict, weight):
-    _, model, _, _, test_data = build(dict(toy_config_dict, score_method="generate", num_beams=4, score_fusion=weight))
-    model.eval()
-    batch = next(iter(test_data))[0]
-    view = model.retriever.view(batch)
+    model, batch, view = _generating(toy_config_dict, num_beams=4, score_fusion=weight)
     scores = model.full_sort_predict(batch).cpu()
     counts = model.retriever.item_counts
     for row, pairs in enumerate(model.generator.items(view.histories, seen=view.seen)):
@@ -302,11 +300,7 @@ def test_the_fusion_grid_generates_for_each_valid_user_once(toy_config_dict):
 
 
 def test_users_are_batched_by_prompt_length_and_the_buffers_kept_until_the_weights_change(toy_config_dict):
-    config = dict(toy_config_dict, score_method="generate", num_beams=4, generation_users_per_batch=2)
-    _, model, _, _, test_data = build(config)
-    model.eval()
-    batch = next(iter(test_data))[0]
-    view = model.retriever.view(batch)
+    model, _, view = _generating(toy_config_dict, num_beams=4, generation_users_per_batch=2)
     # prompts of several lengths, not in order: the batches reorder them
     histories = [history[-keep:] for history, keep in zip(view.histories, (6, 2, 9, 1, 4))]
     seen = view.seen[:5]
