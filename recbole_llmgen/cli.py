@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config_files", nargs="+", default=None, help="yaml config files (every model)")
     bench.add_argument("--out", default=None, help="output folder (default: results/benchmark-DATASET-PROTOCOL)")
     bench.add_argument(
+        "--seen_items",
+        default=None,
+        choices=["mask", "keep"],
+        help="ranking rule of every row: mask (default) never ranks an item the user saw before the evaluated one, "
+        "keep ranks every item",
+    )
+    bench.add_argument(
         "--llm-valid", action="store_true", help="also evaluate zero-shot LLMGen on the valid split (doubles its time)"
     )
     bench.add_argument(
@@ -314,6 +321,8 @@ def _benchmark(args, overrides: dict) -> int:
     from recbole_llmgen.sweep import parse_sweep, run_sweep
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.seen_items is not None:
+        overrides = {**overrides, "seen_items": args.seen_items}
     options = {"train_fraction": args.train_fraction, "cold_users": args.cold_users, "cold_items": args.cold_items}
     common = {"llm_valid": args.llm_valid, "llm_nproc": _llm_nproc(args.llm_nproc), "requests": args.requests}
     if args.eval_users is not None:

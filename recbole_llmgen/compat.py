@@ -27,6 +27,10 @@ plugin needs to make it run sits here and is applied once by :func:`apply` (call
   ``rng.integers``, which RandomState lacks (``AttributeError: ... 'integers'``).
   :func:`patch_exhaustive_search` gives that one module a RandomState that also has ``integers``
   (the same draws as ``randint``, so a seed gives the same trials).
+* scipy >= 1.13 removed ``dok_matrix._update`` (a dict update without checks), which the graph
+  models build their adjacency matrix with (LightGCN, NGCF, SpectralCF, GCMC, NCL, KGIN, MCCLK:
+  ``AttributeError: 'dok_matrix' object has no attribute '_update'``). :func:`patch_dok_update`
+  gives it back as scipy's public, checked ``update`` (the same entries).
 * RecBole's multi-process mode (``nproc``, ``world_size``) is NCCL-only, double-counts users and
   averages per-rank metrics, wraps untrainable models in DDP and races on file names and folders:
   :func:`recbole_llmgen.distributed.install` replaces those pieces; a single-process run still
@@ -229,6 +233,18 @@ def patch_exhaustive_search() -> None:
         replace(hyper_tuning, "np", _NumpyWithIntegers())
 
 
+def patch_dok_update() -> None:
+    """``dok_matrix._update`` for RecBole's graph models on today's scipy (see the module docstring)."""
+    import scipy.sparse as sp
+
+    if not hasattr(sp.dok_matrix, "_update") or getattr(sp.dok_matrix._update, "__llmgen_patch__", False):
+        replace(sp.dok_matrix, "_update", _dok_update)
+
+
+def _dok_update(self, data: dict) -> None:
+    self.update(data)
+
+
 def apply() -> None:
     """Apply every fix above once. Idempotent."""
     global _applied
@@ -240,4 +256,5 @@ def apply() -> None:
     patch_checkpoint_loading()
     undo_global_anomaly_detection()
     patch_exhaustive_search()
+    patch_dok_update()
     _applied = True

@@ -104,7 +104,8 @@ def llmgen_only_keys() -> set[str]:
     path = os.path.join(os.path.dirname(recbole.__file__), "properties", "overall.yaml")
     with open(path, encoding="utf-8") as f:
         recbole_keys = set(yaml.safe_load(f))
-    return llmgen_keys() - recbole_keys - {"train_neg_sample_args", "eval_batch_size", "data_path"}
+    shared = {"train_neg_sample_args", "eval_batch_size", "data_path", "seen_items"}  # keys every model reads
+    return llmgen_keys() - recbole_keys - shared
 
 
 def _alias_history_lists(config) -> None:
@@ -233,5 +234,9 @@ def only_users(loader, tokens):
     known = dataset.field2token_id[field]
     ids = np.asarray([known[t] for t in tokens if t in known], dtype=np.int64)
     keep = np.isin(dataset.inter_feat[field].numpy(), ids)
+    from recbole_llmgen import seen_items
+
     subset = dataset.copy(dataset.inter_feat[torch.from_numpy(np.flatnonzero(keep))])
-    return type(loader)(loader.config, subset, loader._sampler, shuffle=False)
+    sampled = type(loader)(loader.config, subset, loader._sampler, shuffle=False)
+    seen_items.carry(loader, sampled)  # the same items masked as in the whole split
+    return sampled

@@ -35,6 +35,9 @@ PATCHES: tuple[Patch, ...] = (
     Patch(("recbole.trainer.hyper_tuning:np",), "compat",
           "exhaustive search hands hyperopt a RandomState without Generator.integers",
           "tests/test_compat.py::test_recbole_exhaustive_search_runs_on_todays_hyperopt"),
+    Patch(("scipy.sparse:dok_matrix._update",), "compat",
+          "scipy >= 1.13 removed dok_matrix._update, which LightGCN and RecBole's other graph models call",
+          "tests/test_compat.py::test_recbole_lightgcn_builds_its_graph_on_todays_scipy"),
     # --- registry: plugin models by name
     Patch(("recbole.utils:get_model", "recbole.utils.utils:get_model", "recbole.config.configurator:get_model",
            "recbole.quick_start.quick_start:get_model"), "registry",
@@ -54,6 +57,14 @@ PATCHES: tuple[Patch, ...] = (
     Patch(("recbole.utils:get_flops", "recbole.utils.utils:get_flops", "recbole.quick_start.quick_start:get_flops"),
           "registry", "thop would deep-copy and hook a whole LLM; plugin models estimate their own cost",
           "tests/test_patches.py::test_get_flops_asks_a_plugin_model"),
+    # --- seen_items: one ranking rule for every model
+    Patch(("recbole.data.dataloader.general_dataloader:FullSortEvalDataLoader.collate_fn",), "seen_items",
+          "RecBole masks a general model's earlier items in full ranking, never a sequential model's: one rule",
+          "tests/test_seen_items.py::test_sequential_masked_metrics_equal_a_computation_by_hand"),
+    Patch(("recbole.data.utils:data_preparation", "recbole.data:data_preparation",
+           "recbole.quick_start.quick_start:data_preparation"), "seen_items",
+          "a sequential model's evaluation rows need the items of the earlier phases to mask them",
+          "tests/test_seen_items.py::test_sequential_masked_metrics_equal_a_computation_by_hand"),
     # --- distributed: RecBole's multi-process mode
     Patch(("recbole.config.configurator:Config._init_device",), "distributed",
           "NCCL and cuda:<rank> hard-coded: gloo on CPUs",
@@ -76,7 +87,8 @@ def install() -> None:
     from recbole_llmgen import compat
 
     compat.apply()  # before anything imports RecBole's modules that read numpy's aliases
-    from recbole_llmgen import distributed, registry
+    from recbole_llmgen import distributed, registry, seen_items
 
     distributed.install()
     registry.install_hooks()
+    seen_items.install()

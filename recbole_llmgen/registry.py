@@ -33,6 +33,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable
 
+from recbole_llmgen import seen_items
 from recbole_llmgen.compat import replace
 
 _KIND_PACKAGE = {
@@ -205,6 +206,8 @@ def _set_default_parameters_hook(original):
             local = os.path.join(data_root, self.dataset)
             if os.path.isfile(os.path.join(local, f"{self.dataset}.inter")):
                 self.final_config_dict["data_path"] = local
+        # one ranking rule for every model (recbole_llmgen.seen_items), checked before any data is read
+        self.final_config_dict["seen_items"] = seen_items.check(self.final_config_dict.get("seen_items"))
         plugin = _PLUGINS.get(self.model)
         if plugin is not None and plugin.finalize_config is not None:
             plugin.finalize_config(self)

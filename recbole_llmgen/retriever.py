@@ -26,7 +26,7 @@ class BatchView:
 
     users: list[int]  # inner user ids (0 where the batch has no user field)
     histories: list[list[int]]  # each user's item_seq (oldest first, never the target)
-    seen: list[list[int]]  # every item the user may not be recommended: the history and every training item
+    seen: list[list[int]]  # items the user may not be recommended: history and training items (seen_items: mask)
 
 
 class Retriever:
@@ -48,7 +48,8 @@ class Retriever:
 
     # ------------------------------------------------------------------ a batch
     def view(self, interaction) -> BatchView:
-        """The batch's users, histories and seen items."""
+        """The batch's users, histories and the items they may not be recommended (none under
+        ``seen_items: keep``; a request's own recommendations always leave seen items out)."""
         item_seq = interaction[self.seq_field].cpu()
         lengths = interaction[self.len_field].cpu().tolist()
         histories = [row[:n].tolist() for row, n in zip(item_seq, lengths)]
@@ -56,6 +57,8 @@ class Retriever:
             users = [int(u) for u in interaction[self.uid_field].cpu().tolist()]
         else:
             users = [0] * len(histories)
+        if self.settings.seen_items == "keep":  # the evaluation rule (recbole_llmgen.seen_items): nothing masked
+            return BatchView(users, histories, [[] for _ in histories])
         return BatchView(users, histories, [self.seen(u, h) for u, h in zip(users, histories)])
 
     def seen(self, user: int | None, history: list[int]) -> list[int]:

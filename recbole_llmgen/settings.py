@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from recbole_llmgen import text
+from recbole_llmgen import seen_items, text
 from recbole_llmgen.registry import known_model_names
 from recbole_llmgen.scoring import DEFAULT_BATCH_TOKENS
 
@@ -138,6 +138,7 @@ class LLMGenSettings:
     llm_train_batch_size: int
     gradient_checkpointing: bool
     seed: int
+    seen_items: str  # mask | keep: may an evaluated ranking hold items the user saw before (seen_items)
 
     @classmethod
     def from_config(cls, config, n_items: int) -> LLMGenSettings:
@@ -239,6 +240,7 @@ class LLMGenSettings:
             llm_train_batch_size=positive_int(config, "llm_train_batch_size"),
             gradient_checkpointing=bool(config["gradient_checkpointing"]),
             seed=int(config["seed"] or 0),
+            seen_items=seen_items.check(config["seen_items"]),
         )
 
 

@@ -160,7 +160,7 @@ def test_llmgen_in_two_processes_gives_the_same_row(toy_config_dict, tmp_path):
 def test_rows_say_how_each_model_was_trained(toy_config_dict, tmp_path):
     out = str(tmp_path / "bench")
     overrides = bench_overrides(toy_config_dict, epochs=30, stopping_step=2)
-    overrides.pop("epochs")  # Pop, BPR: the defaults (cap 300, stopping 10 there; 2 here); SASRec: capped
+    overrides.pop("epochs")  # the defaults' caps (BPR 300, SASRec 200), stopping after 2 + 1 epochs without a gain
     rows = benchmark.run_benchmark("toy", ["Pop", "BPR", "SASRec", "LLMGen"], "full", None,
                                    overrides, out, log=lambda m: None,
                                    runner=benchmark.run_in_process)  # fmt: skip
@@ -169,13 +169,15 @@ def test_rows_say_how_each_model_was_trained(toy_config_dict, tmp_path):
     assert bpr["epoch_cap"] == 300 and bpr["stopped_by"] == "validation"  # early stopping ended it, not the cap
     # RecBole stops at the (stopping_step + 1)-th epoch without a better valid score after the best one
     assert bpr["epochs_trained"] == bpr["best_epoch"] + 1 + 3
-    sasrec = by_model["SASRec"]
-    assert sasrec["epoch_cap"] == 3 and sasrec["epochs_trained"] == 3 and sasrec["stopped_by"] == "cap"
+    sasrec = by_model["SASRec"]  # trained until validation stops improving, as every classic row
+    assert sasrec["epoch_cap"] == 200 and sasrec["stopped_by"] == "validation"
+    assert sasrec["epochs_trained"] == sasrec["best_epoch"] + 1 + 3
     llm = by_model["LLMGen"]
     assert llm["epochs_trained"] == 0 and llm["stopped_by"] == "none"
     assert by_model["Pop"]["stopped_by"] == "one pass" and by_model["Pop"]["epoch_cap"] == 1
     markdown = open(os.path.join(out, "benchmark.md"), encoding="utf-8").read()
-    assert "| SASRec (capped at 3 epochs) |" in markdown and "| BPR |" in markdown
+    assert "| SASRec |" in markdown and "| BPR |" in markdown
+    assert benchmark.row_label({"model": "SASRec", "stopped_by": "cap", "epoch_cap": 3}) == "SASRec (capped at 3 epochs)"
     assert f"{bpr['epochs_trained']} ({bpr['best_epoch'] + 1}) / validation (cap 300)" in markdown
     assert "0 / zero-shot" in markdown
 
@@ -318,14 +320,14 @@ def test_regime_data_raises_what_is_not_a_missing_regime(toy_config_dict, tmp_pa
     def broken(*args):
         raise ValueError("a real defect")
 
-    monkeypatch.setattr(benchmark, "prepare_regime", broken)
+    monkeypatch.setattr(benchmark.plan, "prepare_regime", broken)
     with pytest.raises(ValueError, match="a real defect"):
         benchmark.regime_data(Regime(), "toy", overrides, None, str(tmp_path / "out"))
 
     def unavailable(*args):
         raise RegimeUnavailable("TIME_FIELD: a data regime needs the time column")
 
-    monkeypatch.setattr(benchmark, "prepare_regime", unavailable)
+    monkeypatch.setattr(benchmark.plan, "prepare_regime", unavailable)
     assert benchmark.regime_data(Regime(), "toy", overrides, None, str(tmp_path / "out")) == (None, None)
 
 
@@ -469,3 +471,34 @@ def test_eval_users_on_the_command_line_is_checked_first(toy_config_dict, tmp_pa
             ]
         )
     assert not (tmp_path / "o" / "runs" / "Pop.json").exists()
+
+
+def test_each_llmgen_row_is_paired_with_every_other_row():
+    """paired.csv / benchmark.md: LLMGen minus each other row, per user, with a verdict that follows
+    the interval (better, worse, no difference shown)."""
+    import numpy as np
+    import pandas as pd
+
+    from recbole_llmgen.benchmark.table import paired_comparisons, paired_markdown, verdict
+
+    rng = np.random.default_rng(0)
+    users = [f"u{i}" for i in range(400)]
+    base = rng.random(400)
+    frames = {
+        "BPR": pd.DataFrame({"ndcg@10": base, "hit@10": (base > 0.5).astype(float)}, index=users),
+        "SASRec": pd.DataFrame({"ndcg@10": base + 0.2, "hit@10": (base > 0.3).astype(float)}, index=users),
+        "LLMGen": pd.DataFrame({"ndcg@10": base + 0.1 + rng.normal(0, 0.01, 400), "hit@10": (base > 0.4) * 1.0},
+                               index=users),
+    }  # fmt: skip
+    rows = [{"model": "BPR"}, {"model": "SASRec"}, {"model": "LLMGen", "candidate_source": "none",
+                                                    "score_method": "generate"}]  # fmt: skip
+    pairs = paired_comparisons(rows, frames)
+    assert [p["against"] for p in pairs] == ["BPR", "SASRec"]
+    for pair, other in zip(pairs, ("BPR", "SASRec")):
+        expected = (frames["LLMGen"]["ndcg@10"] - frames[other]["ndcg@10"]).mean()
+        assert pair["ndcg@10"] == round(expected, 4)
+        assert pair["ndcg@10_low"] <= pair["ndcg@10"] <= pair["ndcg@10_high"]
+    assert [verdict(p) for p in pairs] == ["better", "worse"]
+    text = paired_markdown(pairs)
+    assert "| LLMGen (generates from the catalogue, no candidate model) | SASRec | -0.1" in text
+    assert text.count("\n| LLMGen (") == 2  # one row per pair

@@ -130,3 +130,19 @@ def test_recbole_exhaustive_search_runs_on_todays_hyperopt(tmp_path, monkeypatch
     monkeypatch.setattr(hyper_tuning, "np", numpy)  # RecBole's own RandomState: what the fix replaces
     with pytest.raises(AttributeError, match="integers"):
         _exhaustive(tmp_path)
+
+
+def test_recbole_lightgcn_builds_its_graph_on_todays_scipy(toy_config_dict):
+    """LightGCN's adjacency (RecBole's dok_matrix._update, gone from scipy 1.13) holds each
+    training interaction twice (user->item, item->user), normalised by both degrees."""
+    from conftest import build
+
+    config, model, train_data, *_ = build({**toy_config_dict, "load_col": None, "embedding_size": 8}, model="LightGCN")
+    inter = train_data._dataset.inter_feat
+    adjacency = model.norm_adj_matrix.coalesce()
+    assert adjacency._nnz() == 2 * len(inter)
+    users, items = inter["user_id"].numpy(), inter["item_id"].numpy() + model.n_users
+    degree = {**{u: (users == u).sum() for u in set(users)}, **{i: (items == i).sum() for i in set(items)}}
+    u, i = int(users[0]), int(items[0])
+    value = adjacency.to_dense()[u, i].item()
+    assert abs(value - 1 / (degree[u] * degree[i]) ** 0.5) < 1e-5

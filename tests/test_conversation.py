@@ -187,7 +187,7 @@ def test_recommend_with_a_request(toy_config_dict):
 def test_request_protocol_rows(toy_config_dict, toy_root, tmp_path):
     import math
 
-    from recbole_llmgen import benchmark, request_bench
+    from recbole_llmgen import benchmark, per_user, request_bench
 
     path = toy_root / "toy" / "toy.item"
     header, *lines = path.read_text(encoding="utf-8").splitlines()
@@ -224,7 +224,7 @@ def test_request_protocol_rows(toy_config_dict, toy_root, tmp_path):
     assert list(frame["users"]) == [8] * 6
     users = pd.read_csv(f"{out}/runs/requests.users.csv")
     # the LLMGen row without a request is LLMGen's own benchmark ranking of these users
-    own = benchmark.per_user.read_users(f"{out}/runs/LLMGen")
+    own = per_user.read_users(f"{out}/runs/LLMGen")
     assert (
         users.set_index("user_id")["LLMGen (no request) | ndcg@10"].round(6).to_dict()
         == own["ndcg@10"].round(6).to_dict()
@@ -241,7 +241,7 @@ def test_request_protocol_rows(toy_config_dict, toy_root, tmp_path):
     assert list(pd.read_csv(f"{out}/requests.csv")["users"]) == [3] * 6
     assert "(test split, full ranking, 3 of 8 users, a seeded sample, seed 2020)" in open(f"{out}/requests.md").read()
     part = pd.read_csv(f"{out}/runs/requests.users.csv").set_index("user_id")
-    assert set(part.index) == set(benchmark.per_user.read_users(f"{out}/runs/Pop").index)
+    assert set(part.index) == set(per_user.read_users(f"{out}/runs/Pop").index)
     whole = users.set_index("user_id").loc[part.index]
     for column in ("Pop filtered to the requested genre | ndcg@10", "LLMGen (no request) | ndcg@10"):
         assert part[column].tolist() == pytest.approx(whole[column].tolist()), column

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import bench_overrides
 
-from recbole_llmgen import benchmark, regime
+from recbole_llmgen import benchmark, per_user, regime
 from recbole_llmgen.cli import main
 from recbole_llmgen.sweep import parse_sweep, run_sweep
 
@@ -138,7 +138,7 @@ def test_cold_users_are_the_mean_of_their_per_user_values(toy_config_dict, toy_r
                                    log=lambda m: None, runner=benchmark.run_in_process, regime=chosen)  # fmt: skip
     assert [r["status"] for r in rows] == ["ok"] * 4  # the text retriever's row too
     for row in rows:
-        frame = benchmark.per_user.read_users(os.path.join(out, "runs", row["model"]))
+        frame = per_user.read_users(os.path.join(out, "runs", row["model"]))
         assert len(frame) == 8  # every user evaluated by RecBole ...
         cold = frame.loc[["u0", "u1", "u2", "u3"]]  # ... the table only over those with <= 2 training items
         assert row["users"] == 4 and row["avg_train_items"] == 2.0
