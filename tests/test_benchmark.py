@@ -177,7 +177,9 @@ def test_rows_say_how_each_model_was_trained(toy_config_dict, tmp_path):
     assert by_model["Pop"]["stopped_by"] == "one pass" and by_model["Pop"]["epoch_cap"] == 1
     markdown = open(os.path.join(out, "benchmark.md"), encoding="utf-8").read()
     assert "| SASRec |" in markdown and "| BPR |" in markdown
-    assert benchmark.row_label({"model": "SASRec", "stopped_by": "cap", "epoch_cap": 3}) == "SASRec (capped at 3 epochs)"
+    assert (
+        benchmark.row_label({"model": "SASRec", "stopped_by": "cap", "epoch_cap": 3}) == "SASRec (capped at 3 epochs)"
+    )
     assert f"{bpr['epochs_trained']} ({bpr['best_epoch'] + 1}) / validation (cap 300)" in markdown
     assert "0 / zero-shot" in markdown
 
