@@ -194,7 +194,7 @@ def _from_config_files(paths) -> dict:
 
 def _chat(args, overrides: dict, stdin=None, stdout=None) -> int:
     """``recbole-llmgen chat``: read lines, answer each with a message and/or a numbered list."""
-    from recbole_llmgen.conversation import Session, format_rows
+    from recbole_llmgen.conversation import Session, check_feedback_file, format_rows
     from recbole_llmgen.integration import recbole_argv
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -206,6 +206,11 @@ def _chat(args, overrides: dict, stdin=None, stdout=None) -> int:
                                    args.topk, args.explain, args.model)  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"recbole-llmgen chat: {error}") from None
+    if args.save_feedback:  # a file we may not append to is refused now, before anything is said
+        try:
+            check_feedback_file(args.save_feedback, session.feedback_header())
+        except ValueError as error:
+            raise SystemExit(f"recbole-llmgen chat: {error}") from None
     session.feedback_path = args.save_feedback
     who = f"user {args.user} ({len(session.history)} items in the history)" if args.user else "a new user"
     print(f"recbole-llmgen chat with {who}. {text.CHAT_HELP}", file=stdout, flush=True)
@@ -229,7 +234,11 @@ def _chat(args, overrides: dict, stdin=None, stdout=None) -> int:
         if reply.done:
             break
     if args.save_feedback:
-        print(f"feedback: {len(session.events)} rows in {session.save_feedback(args.save_feedback)}", file=stdout)
+        saved = session.save_feedback(args.save_feedback)
+        told = (
+            f"{len(session.events)} rows added to {saved}" if saved else f"nothing said, {args.save_feedback} untouched"
+        )
+        print(f"feedback: {told}", file=stdout)
     return 0
 
 

@@ -93,6 +93,10 @@ def _version_tuple(package: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+TESTED_RECBOLE = (1, 2, 1)  # the release every patch was written against
+UNTESTED_RECBOLE_ENV = "RECBOLE_LLMGEN_UNTESTED_RECBOLE"  # =1: import on another release, with a warning
+
+
 def check_versions() -> None:
     """Fail early, with the fix, on package versions RecBole 1.2.1 cannot run with."""
     pandas = _version_tuple("pandas")
@@ -108,6 +112,16 @@ def check_versions() -> None:
             "recbole.quick_start imports ray 2.6.3, which needs pkg_resources (removed in "
             "setuptools 81). Run: pip install 'setuptools<81'"
         )
+    recbole = _version_tuple("recbole")
+    if recbole and recbole != TESTED_RECBOLE:
+        found, tested = importlib.metadata.version("recbole"), ".".join(map(str, TESTED_RECBOLE))
+        text = (
+            f"recbole {found} is installed, but recbole-llmgen is tested on recbole {tested} only: its patches "
+            f"(recbole_llmgen/patches.py) replace RecBole internals of that release. Run: pip install recbole=={tested}"
+        )
+        if os.environ.get(UNTESTED_RECBOLE_ENV) != "1":
+            raise ImportError(f"{text} (or set {UNTESTED_RECBOLE_ENV}=1 to try anyway)")
+        warnings.warn(f"{text}; going on because {UNTESTED_RECBOLE_ENV}=1", stacklevel=2)
 
 
 def restore_numpy_aliases() -> list[str]:

@@ -13,6 +13,7 @@ import copy
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from recbole_llmgen import text
@@ -23,6 +24,29 @@ from recbole_llmgen.text import CHAT_COMMANDS as COMMANDS
 from recbole_llmgen.text import CHAT_HELP as HELP
 
 LIKE_RATING, DISLIKE_RATING = 5.0, 1.0
+SESSION_COLUMN = "feedback_session:token"  # the column that marks a feedback file recbole-llmgen wrote
+
+
+def check_feedback_file(path: str, header: str) -> bool:
+    """True when ``path`` is new or empty (a header goes first), False when it is a feedback file
+    with ``header`` (rows are appended); a named error for any other file, which is never touched."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return True
+    if not os.path.isfile(path):
+        raise ValueError(f"save-feedback: {path!r} is not a file")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline().rstrip("\n")
+    if SESSION_COLUMN not in first.split("\t"):
+        raise ValueError(
+            f"save-feedback: {path!r} is not a feedback file written by recbole-llmgen (its header has no "
+            f"{SESSION_COLUMN} column: {first[:80]!r}); it is left as it was: choose another path"
+        )
+    if first != header:
+        raise ValueError(
+            f"save-feedback: {path!r} holds feedback with the columns {first!r}, this dataset's are {header!r}; "
+            "choose another path"
+        )
+    return False
 
 
 @dataclass
@@ -67,6 +91,8 @@ class Session:
         self.last: list[tuple[int, float]] = []
         self.events: list[tuple[int, float, int]] = []  # (item, rating, timestamp)
         self.feedback_path: str | None = None
+        self.session_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"  # stamps this session's rows
+        self.appended: dict[str, int] = {}  # path -> events of this session already appended there
 
     @classmethod
     def open(
@@ -161,22 +187,34 @@ class Session:
             return Reply(str(error))
 
     # ------------------------------------------------------------------ feedback file
-    def save_feedback(self, path: str) -> str:
-        """Write the likes and dislikes so far as RecBole atomic interactions (rating 5 for a like,
-        1 for a dislike; keep only likes with ``val_interval: {rating: "[4,inf)"}``); returns the path.
-        A new user is written as ``new-user``. Rewritten whole each time (a temporary file, then a rename)."""
+    def feedback_header(self) -> str:
+        """The header of this dataset's feedback file: RecBole atomic columns plus the session column
+        that marks a file as one recbole-llmgen wrote."""
         uid, iid = self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]
         rating = self.config["RATING_FIELD"] or "rating"
         stamp = self.config["TIME_FIELD"] or "timestamp"
-        user = self.user if self.user is not None else NEW_USER
-        lines = [f"{uid}:token\t{iid}:token\t{rating}:float\t{stamp}:float"]
-        lines += [f"{user}\t{self.item_tokens[i]}\t{r:g}\t{t}" for i, r, t in self.events]
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
+        return f"{uid}:token\t{iid}:token\t{rating}:float\t{stamp}:float\t{SESSION_COLUMN}"
+
+    def save_feedback(self, path: str) -> str | None:
+        """Append this session's likes and dislikes not yet saved there to ``path`` as RecBole atomic interactions (rating
+        5 for a like, 1 for a dislike, each row stamped with its time and this session's id; a new
+        user is written as ``new-user``); returns the path, or None when nothing was said (nothing is
+        written). Earlier sessions' rows stay: a file that is not a feedback file of this dataset's
+        columns is refused by name (:func:`check_feedback_file`) and left as it was."""
+        if not self.events:
+            return None
+        key = os.path.abspath(path)
+        new = self.events[self.appended.get(key, 0) :]  # saving after every like: each event once
+        if new:
+            header = self.feedback_header()
+            fresh = check_feedback_file(path, header)
+            user = self.user if self.user is not None else NEW_USER
+            lines = [header] if fresh else []
+            lines += [f"{user}\t{self.item_tokens[i]}\t{r:g}\t{t}\t{self.session_id}" for i, r, t in new]
+            os.makedirs(os.path.dirname(key), exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+            self.appended[key] = len(self.events)
         return path
 
     # ------------------------------------------------------------------ internals

@@ -51,6 +51,18 @@ def _offline() -> bool:
     return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def looks_like_path(llm_path: str) -> bool:
+    """Whether ``llm_path`` names a local file or folder rather than a hub id (``org/name``): it
+    starts like a path, ends in .gguf, has more than one slash or a backslash, or its first part is
+    a folder here (``models/smol`` with a ``models/`` folder: a mistyped local path, never a download)."""
+    if llm_path.startswith((".", "/", "~")) or llm_path.endswith(".gguf") or llm_path.count("/") > 1:
+        return True
+    if "\\" in llm_path:  # a Windows path; hub ids never hold one
+        return True
+    head = llm_path.split("/", 1)[0]
+    return "/" in llm_path and os.path.isdir(os.path.expanduser(head))
+
+
 def resolve_llm_path(llm_path: str) -> ModelSource:
     """Turn the ``llm_path`` config value into a :class:`ModelSource`, or a named error."""
     if not isinstance(llm_path, str) or not llm_path:
@@ -75,8 +87,7 @@ def resolve_llm_path(llm_path: str) -> ModelSource:
         return ModelSource(str(path.parent), path.name)
     if path.is_dir():
         return ModelSource(str(path))
-    looks_like_path = llm_path.startswith((".", "/", "~")) or llm_path.endswith(".gguf") or llm_path.count("/") > 1
-    if looks_like_path:
+    if looks_like_path(llm_path):
         raise FileNotFoundError(f"llm_path: {llm_path!r} does not exist on this machine ({path.resolve()}).")
     if _offline():
         # a hub id is fine if it is already in the local hub cache

@@ -43,6 +43,22 @@ def test_version_checks_name_the_fix(monkeypatch):
         compat.check_versions()
 
 
+def test_another_recbole_release_is_a_named_error_unless_overridden(monkeypatch):
+    versions = {"pandas": (2, 3), "setuptools": (80,), "recbole": (1, 2, 0)}
+    monkeypatch.setattr(compat, "_version_tuple", lambda p: versions.get(p, ()))
+    monkeypatch.setattr(compat.importlib.metadata, "version", lambda p: "1.2.0")
+    monkeypatch.delenv(compat.UNTESTED_RECBOLE_ENV, raising=False)
+    with pytest.raises(ImportError, match=r"recbole 1\.2\.0 is installed, .* tested on recbole 1\.2\.1 .*"
+                                          r"pip install recbole==1\.2\.1 \(or set RECBOLE_LLMGEN_UNTESTED_RECBOLE=1"):  # fmt: skip
+        compat.check_versions()
+    monkeypatch.setenv(compat.UNTESTED_RECBOLE_ENV, "1")
+    with pytest.warns(UserWarning, match="going on because RECBOLE_LLMGEN_UNTESTED_RECBOLE=1"):
+        compat.check_versions()
+    versions["recbole"] = (1, 2, 1)  # the tested release: silent
+    monkeypatch.delenv(compat.UNTESTED_RECBOLE_ENV)
+    compat.check_versions()
+
+
 class _Opaque:  # not a tensor: refused by torch's weights-only loader
     def __init__(self, value):
         self.value = value

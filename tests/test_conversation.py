@@ -130,11 +130,13 @@ def test_session_feedback_changes_the_next_list(toy_config_dict, tmp_path):
 
     path = session.save_feedback(str(tmp_path / "feedback" / "session.inter"))
     lines = open(path, encoding="utf-8").read().splitlines()
-    assert lines[0] == "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+    assert lines[0] == "user_id:token\titem_id:token\trating:float\ttimestamp:float\tfeedback_session:token"
     assert [line.split("\t")[:3] for line in lines[1:]] == [
         ["u1", first[0]["item_id"], "5"],
         ["u1", second[1]["item_id"], "1"],
     ]
+    assert {line.split("\t")[4] for line in lines[1:]} == {session.session_id}
+    assert session.save_feedback(path) == path and open(path).read().splitlines() == lines  # each event once
 
 
 def test_session_errors_are_messages(toy_config_dict):
@@ -169,7 +171,32 @@ def test_chat_command_through_stdin(toy_config_dict, monkeypatch, capsys, tmp_pa
     assert f"liked: {second[0]} (added to your history)" in blocks[3]
     rows = feedback.read_text(encoding="utf-8").splitlines()[1:]
     assert [r.split("\t")[2] for r in rows] == ["1", "5"]
-    assert "feedback: 2 rows in" in out
+    assert "feedback: 2 rows added to" in out
+
+    # a second session with the same file: both sessions' rows are kept, each stamped with its session
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{REQUEST}\nlike 3\nquit\n"))
+    assert main(args + ["--num_candidates=5", "--state=ERROR"]) == 0
+    rows2 = feedback.read_text(encoding="utf-8").splitlines()
+    assert rows2[1:3] == rows and len(rows2) == 4 and rows2[0].endswith("\tfeedback_session:token")
+    assert len({r.split("\t")[4] for r in rows2[1:]}) == 2
+    # a session that says nothing writes nothing
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{REQUEST}\nquit\n"))
+    capsys.readouterr()
+    assert main(args + ["--num_candidates=5", "--state=ERROR"]) == 0
+    assert feedback.read_text(encoding="utf-8").splitlines() == rows2
+    assert f"feedback: nothing said, {feedback} untouched" in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_a_feedback_file_is_refused_before_the_chat(toy_config_dict, monkeypatch, tmp_path):
+    real = tmp_path / "toy.inter"
+    real.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\nu1\ti1\t5\t1\n")
+    before = real.read_text()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{REQUEST}\nlike 1\nquit\n"))
+    args = ["chat", "--dataset", "toy", "--user", "u1", "--save-feedback", str(real)]
+    args += [f"--{k}={v}" for k, v in toy_config_dict.items() if k in ("data_path", "llm_path", "llm_dtype")]
+    with pytest.raises(SystemExit, match=r"is not a feedback file written by recbole-llmgen .* left as it was"):
+        main(args + ["--num_candidates=5", "--state=ERROR"])
+    assert real.read_text() == before
 
 
 def test_recommend_with_a_request(toy_config_dict):

@@ -224,3 +224,21 @@ def test_prompt_overflow_drops_oldest_items(toy_config_dict):
     text = model.tokenizer.decode(ids)
     assert model.item_texts[history[-1]] in text  # the most recent item is kept
     assert model.item_texts[history[-model.settings.max_history_items]] not in text
+
+
+def test_a_path_looking_llm_path_that_does_not_exist_is_a_named_error(tmp_path, monkeypatch):
+    """A mistyped local path is never sent to the hub: ``models/smol`` when ``models/`` is a folder
+    here, a backslash, or more than one slash; ``org/name`` with no such folder stays a hub id."""
+    from recbole_llmgen.llm import looks_like_path, resolve_llm_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for path in ("models/smol", "models\\smol", "a/b/c", "./smol", "smol.gguf"):
+        assert looks_like_path(path), path
+        with pytest.raises(FileNotFoundError, match=r"llm_path: .* does not exist on this machine"):
+            resolve_llm_path(path)
+    assert not looks_like_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    source = resolve_llm_path("HuggingFaceTB/SmolLM2-135M-Instruct")  # online: a hub id, nothing fetched yet
+    assert source.is_hub_id
