@@ -25,8 +25,6 @@ import sys
 import tempfile
 import time
 
-import torch
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -42,7 +40,7 @@ def main() -> None:
     from recbole.utils import get_trainer
 
     from recbole_llmgen.cli import parse_overrides
-    from recbole_llmgen.integration import build_model
+    from recbole_llmgen.integration import build_model, load_checkpoint
 
     overrides = parse_overrides(rest)
     out = tempfile.mkdtemp(prefix="bench_finetune-")
@@ -89,7 +87,7 @@ def main() -> None:
             valid = sample_users(valid_data, valid_users, config["seed"]) if valid_users is not None else valid_data
             trainer.fit(train_data, valid, saved=True, show_progress=False)
             if os.path.isfile(trainer.saved_model_file):  # test the best epoch's weights
-                state = torch.load(trainer.saved_model_file, map_location=trainer.device, weights_only=False)
+                state = load_checkpoint(trainer.saved_model_file, map_location=trainer.device)  # this run's own
                 model_obj.load_state_dict(state["state_dict"])
                 model_obj.load_other_parameter(state.get("other_parameter"))
         else:

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +39,7 @@ def main() -> None:
 
     from recbole_llmgen import per_user
     from recbole_llmgen.benchmark import keep_struct
-    from recbole_llmgen.integration import build_model
+    from recbole_llmgen.integration import build_model, load_checkpoint
     from recbole_llmgen.trainer import LLMGenTrainer
 
     out = Path(args.out).resolve()
@@ -57,7 +56,7 @@ def main() -> None:
         trainer.fit(train, None, saved=True, show_progress=False)
         print(json.dumps({"train_s": round(time.perf_counter() - start, 1), "stride": args.stride}), flush=True)
         saved = [Path(trainer.saved_model_file)]
-    checkpoint = torch.load(saved[-1], weights_only=False, map_location="cpu")
+    checkpoint = load_checkpoint(str(saved[-1]))  # the checkpoint this script trained (a pickle)
     model.load_state_dict(checkpoint["state_dict"], strict=False)
     model.load_other_parameter(checkpoint.get("other_parameter"))
     model.generator.weights_changed()

@@ -215,7 +215,11 @@ def user_histories(full, user_ids: list[int], uid_field: str, iid_field: str, ti
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A RecBole checkpoint this run wrote or the user named (a pickle: see README, Safety)."""
+    """A RecBole checkpoint this run wrote or the user named (a pickle: see README, Safety). The one
+    ``weights_only=False`` load of the package besides RecBole's own load points
+    (:func:`recbole_llmgen.compat.trusted_torch_load`); its callers: a ``candidate_source`` model file
+    (two_stage), the request protocol's LLMGen checkpoint (request_bench), a multi-process run's own
+    best checkpoint on every rank (distributed), and two benchmark scripts' own checkpoints."""
     import torch
 
     return torch.load(path, map_location=map_location, weights_only=False)

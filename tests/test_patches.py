@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,17 @@ def test_the_data_path_default_is_defined_once():
     users = [p.name for p in PACKAGE.rglob("*.py") if literal in p.read_text(encoding="utf-8")]
     assert users == ["integration.py"], users
     assert os.path.basename(os.path.normpath(DEFAULT_DATA_PATH)) == "datasets"
+
+
+def test_every_unpickling_load_is_one_named_helper():
+    """``weights_only=False`` appears in two places only: RecBole's own load points (compat) and
+    integration.load_checkpoint, which the README's Safety section lists with its callers."""
+    found = {}
+    for root in (PACKAGE, PACKAGE.parent / "benchmarks"):
+        for path in root.rglob("*.py"):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                code = line.split("#")[0]
+                if re.search(r'(?<!`)weights_only\s*=\s*False|"weights_only", False', code):
+                    found.setdefault(path.name, []).append(number)
+    assert set(found) == {"compat.py", "integration.py"}, found
+    assert len(found["integration.py"]) == 1
