@@ -193,3 +193,14 @@ def test_the_benchmarks_rule_comes_from_the_option_else_the_files_top_level(tmp_
     assert check_arguments(["Pop"], "full", [str(section)], {}, 1)["seen_items"] == "mask"  # the override wins there
     with pytest.raises(ValueError, match="seen_items: 'all' is not allowed"):
         check_arguments(["Pop"], "full", None, {"seen_items": "all"}, 1)
+
+
+def test_llmgens_metrics_do_not_change_under_mask(toy_config_dict, monkeypatch):
+    """LLMGen masked every earlier item before the rule existed: evaluated with the rule's mask and
+    with RecBole's own sequential collate (no mask), its metrics are the same."""
+    from recbole.data.dataloader.general_dataloader import FullSortEvalDataLoader
+
+    config, model, *_, test_data = build({**toy_config_dict, "candidate_source": "pop", "num_candidates": 5})
+    ruled = evaluate(config, model, test_data)
+    monkeypatch.setattr(FullSortEvalDataLoader, "collate_fn", original(FullSortEvalDataLoader, "collate_fn"))
+    assert evaluate(config, model, test_data) == ruled
