@@ -14,6 +14,8 @@ import yaml
 from recbole_llmgen import per_user, text
 from recbole_llmgen.benchmark import DEFAULT_MODELS, PROTOCOLS
 
+FEEDBACK_HELP = "feedback files of earlier chats: liked items join the history, disliked ones are never proposed"
+
 
 def parse_overrides(items: list[str]) -> dict:
     """``--key=value`` arguments to a config dict; values parsed as YAML (5 -> int, [a,b] -> list)."""
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--topk", type=int, default=10)
     rec.add_argument("--explain", action="store_true", help="one or two sentences per item from the LLM")
+    rec.add_argument("--feedback", nargs="+", default=None, metavar="FILE", help=FEEDBACK_HELP)
     rec.add_argument("--model-file", default=None, help="a saved LLMGen checkpoint (saved/LLMGen-*.pth)")
     rec.add_argument("--model", "-m", default="LLMGen")
     rec.add_argument("--config_files", nargs="+", default=None)
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--config_files", nargs="+", default=None)
     chat.add_argument("--topk", type=int, default=10)
     chat.add_argument("--explain", action="store_true", help="one sentence per item from the LLM (slower)")
+    chat.add_argument("--feedback", nargs="+", default=None, metavar="FILE", help=FEEDBACK_HELP)
     chat.add_argument(
         "--save-feedback", default=None, metavar="PATH", help="likes and dislikes as RecBole atomic .inter"
     )
@@ -194,7 +198,8 @@ def _from_config_files(paths) -> dict:
 
 def _chat(args, overrides: dict, stdin=None, stdout=None) -> int:
     """``recbole-llmgen chat``: read lines, answer each with a message and/or a numbered list."""
-    from recbole_llmgen.conversation import Session, check_feedback_file, format_rows
+    from recbole_llmgen.conversation import Session, format_rows
+    from recbole_llmgen.feedback import check_feedback_file
     from recbole_llmgen.integration import recbole_argv
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -203,8 +208,8 @@ def _chat(args, overrides: dict, stdin=None, stdout=None) -> int:
     try:
         with recbole_argv():
             session = Session.open(args.dataset, args.user, args.model_file, args.config_files, overrides or None,
-                                   args.topk, args.explain, args.model)  # fmt: skip
-    except ValueError as error:
+                                   args.topk, args.explain, args.model, feedback=args.feedback)  # fmt: skip
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"recbole-llmgen chat: {error}") from None
     if args.save_feedback:  # a file we may not append to is refused now, before anything is said
         try:
@@ -250,18 +255,22 @@ def _recommend(args, overrides: dict) -> int:
         raise SystemExit("recbole-llmgen recommend: give --dataset or --model-file")
     if not args.user and args.request is None:
         raise SystemExit("recbole-llmgen recommend: give --user (repeatable), or --request for a new user")
-    with recbole_argv():
-        frame = recommend(
-            args.user,
-            topk=args.topk,
-            dataset=args.dataset,
-            config_file_list=args.config_files,
-            config_dict=overrides or None,
-            model_file=args.model_file,
-            explain=args.explain,
-            model=args.model,
-            request=args.request,
-        )
+    try:
+        with recbole_argv():
+            frame = recommend(
+                args.user,
+                topk=args.topk,
+                dataset=args.dataset,
+                config_file_list=args.config_files,
+                config_dict=overrides or None,
+                model_file=args.model_file,
+                explain=args.explain,
+                model=args.model,
+                request=args.request,
+                feedback=args.feedback,
+            )
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"recbole-llmgen recommend: {error}") from None
     print(format_table(frame))
     if args.json:
         frame.to_json(args.json, orient="records", indent=2, force_ascii=False)

@@ -17,36 +17,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from recbole_llmgen import text
+from recbole_llmgen.feedback import DISLIKE_RATING, LIKE_RATING, SESSION_COLUMN, check_feedback_file, read_feedback
 from recbole_llmgen.integration import load_model, user_histories
 from recbole_llmgen.recommend import NEW_USER, explain_item
 from recbole_llmgen.requests import rank_for_request
 from recbole_llmgen.text import CHAT_COMMANDS as COMMANDS
 from recbole_llmgen.text import CHAT_HELP as HELP
-
-LIKE_RATING, DISLIKE_RATING = 5.0, 1.0
-SESSION_COLUMN = "feedback_session:token"  # the column that marks a feedback file recbole-llmgen wrote
-
-
-def check_feedback_file(path: str, header: str) -> bool:
-    """True when ``path`` is new or empty (a header goes first), False when it is a feedback file
-    with ``header`` (rows are appended); a named error for any other file, which is never touched."""
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return True
-    if not os.path.isfile(path):
-        raise ValueError(f"save-feedback: {path!r} is not a file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = f.readline().rstrip("\n")
-    if SESSION_COLUMN not in first.split("\t"):
-        raise ValueError(
-            f"save-feedback: {path!r} is not a feedback file written by recbole-llmgen (its header has no "
-            f"{SESSION_COLUMN} column: {first[:80]!r}); it is left as it was: choose another path"
-        )
-    if first != header:
-        raise ValueError(
-            f"save-feedback: {path!r} holds feedback with the columns {first!r}, this dataset's are {header!r}; "
-            "choose another path"
-        )
-    return False
 
 
 @dataclass
@@ -105,10 +81,18 @@ class Session:
         topk: int = 10,
         explain: bool = False,
         model: str = "LLMGen",
+        feedback: list[str] | None = None,
     ) -> Session:
-        """Load the model (a saved checkpoint, or a config) once and start a session for ``user``."""
+        """Load the model (a saved checkpoint, or a config) once and start a session for ``user``.
+        ``feedback``: feedback files of earlier sessions (:func:`read_feedback`): the user's liked
+        items join the history the prompt shows, disliked ones are never proposed (a new user's
+        feedback, rows of ``new-user``, builds their history from nothing)."""
         config, rec, full = load_model(model, dataset, config_file_list, config_dict, model_file)
         session = cls(rec, full, config, user=user, topk=topk, explain=explain)
+        if feedback:
+            liked, disliked = read_feedback(feedback, session.user or NEW_USER, session.item_ids)
+            session.history = [*session.history, *[i for i in liked if i not in session.history]]
+            session.disliked |= disliked
         rec.retriever.description_embeddings()  # the catalogue's embeddings once, at start-up, not in the first answer
         return session
 

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from recbole_llmgen import text
+from recbole_llmgen.feedback import read_feedback
 from recbole_llmgen.integration import load_model, user_histories
 from recbole_llmgen.requests import score_requests
 
@@ -36,6 +37,7 @@ def recommend(
     model: str = "LLMGen",
     max_explanation_tokens: int = 60,
     request: str | None = None,
+    feedback: list[str] | None = None,
 ) -> pd.DataFrame:
     """Top-``topk`` items for each user (original dataset ids), best first.
 
@@ -47,6 +49,9 @@ def recommend(
     ``request``: what the user asks for now, in their own words ("a funny movie about space"): it
     goes into the prompt and widens the candidates (:func:`recbole_llmgen.requests.rank_for_request`).
     ``users=None`` with a request: a new user without history (rows named ``new-user``).
+    ``feedback``: feedback files of earlier chats (:func:`recbole_llmgen.feedback.read_feedback`):
+    each user's liked items join their history, disliked items are never recommended; a new user's
+    (``new-user`` rows) build their history from nothing.
     """
     if isinstance(users, str):
         users = [users]
@@ -68,9 +73,15 @@ def recommend(
         )
     inner = [known[str(u)] for u in users]
     histories = user_histories(full, inner, uid, iid, config["TIME_FIELD"])
+    disliked: dict = {}
+    if feedback:
+        for user, u in [*zip(map(str, users), inner), *([] if users else [(NEW_USER, None)])]:
+            liked, disliked[u] = read_feedback(feedback, user, full.field2token_id[iid])
+            history = histories.setdefault(u, [])
+            history.extend(i for i in liked if i not in history)
     if request is not None:
         return _recommend_for_request(rec, full, iid, users, inner, histories, request, topk, explain,
-                                      max_explanation_tokens)  # fmt: skip
+                                      max_explanation_tokens, disliked)  # fmt: skip
     empty = [u for u, i in zip(users, inner) if not histories[i]]
     if empty:
         raise ValueError(
@@ -92,6 +103,8 @@ def recommend(
     with torch.no_grad():
         scores = rec.full_sort_predict(interaction).cpu()  # [B, n_items]
     scores[:, 0] = -math.inf
+    for row, u in enumerate(inner):
+        scores[row, sorted(disliked.get(u, ()))] = -math.inf  # what the user disliked before: never again
     rows = []
     for row, (user, u) in enumerate(zip(users, inner)):
         values, items = torch.topk(scores[row], min(topk, rec.n_items - 1))
@@ -105,17 +118,19 @@ def recommend(
 
 
 def _recommend_for_request(
-    rec, full, iid, users, inner, histories, request, topk, explain, max_explanation_tokens
+    rec, full, iid, users, inner, histories, request, topk, explain, max_explanation_tokens, disliked=None
 ) -> pd.DataFrame:
-    """Rows for ``request``: every user's list in one batch (no users: one new user, no history)."""
-    pairs = [(str(u), i, histories[i]) for u, i in zip(users, inner)] or [(NEW_USER, None, [])]
+    """Rows for ``request``: every user's list in one batch (no users: one new user, with the history
+    its feedback gave it or none); items a user disliked before are left out."""
+    disliked = disliked or {}
+    pairs = [(str(u), i, histories[i]) for u, i in zip(users, inner)] or [(NEW_USER, None, histories.get(None, []))]
     scored = score_requests(rec, [h for *_, h in pairs], [request] * len(pairs), [i for _, i, _ in pairs],
                             llm_for_requests=rec.settings.request_weight < 1)  # fmt: skip
     rows = []
-    for (user, _, history), lists in zip(pairs, scored):
-        for rank, (item, score) in enumerate(
-            lists.ranked(rec.settings.request_weight, rec.settings.request_focus, topk), start=1
-        ):
+    for (user, u, history), lists in zip(pairs, scored):
+        blocked = disliked.get(u, set())
+        ranked = lists.ranked(rec.settings.request_weight, rec.settings.request_focus, topk + len(blocked))
+        for rank, (item, score) in enumerate([p for p in ranked if p[0] not in blocked][:topk], start=1):
             explanation = explain_item(rec, history, item, max_explanation_tokens, request) if explain else ""
             rows.append([user, rank, str(full.id2token(iid, item)), rec.item_texts[item], score, explanation])
     return pd.DataFrame(rows, columns=COLUMNS)

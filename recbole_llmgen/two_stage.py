@@ -11,8 +11,10 @@ its scores back. A checkpoint of another dataset is refused with a named error.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+from recbole.utils import ModelType
 
 from recbole_llmgen import integration
 
@@ -74,6 +76,23 @@ class MappedCandidateModel:
         return ours
 
 
+MIN_SHARED = 0.5  # a candidate model must know at least this share of the run's items (and users, if general)
+
+
+def check_coverage(path: str, name: str, kind: str, tokens: tuple, dataset: str) -> int:
+    """How many of the run's ``kind`` tokens (``tokens[0]``, padding first) the candidate model's
+    dataset (``tokens[1]``) holds; a named error with the counts below :data:`MIN_SHARED`."""
+    ours = set(tokens[0][1:])
+    known = len(ours & set(tokens[1][1:]))
+    if known < MIN_SHARED * len(ours):
+        raise ValueError(
+            f"candidate_source: {path} ({name}) knows {known} of this run's {len(ours)} {kind} tokens of "
+            f"{dataset!r} ({known / max(len(ours), 1):.0%}; at least {MIN_SHARED:.0%} needed): not a model of "
+            "this data; train it on this dataset or name the model instead"
+        )
+    return known
+
+
 def load_candidate_model(path: str, config, dataset):
     """The RecBole model saved at ``path`` (frozen, eval mode): rebuilt on ``dataset`` when both map
     users and items alike, else on its own dataset behind a :class:`MappedCandidateModel`."""
@@ -96,12 +115,15 @@ def load_candidate_model(path: str, config, dataset):
     own = create_dataset(saved)
     items = (_tokens(dataset, dataset.iid_field), _tokens(own, own.iid_field))
     users = (_tokens(dataset, dataset.uid_field), _tokens(own, own.uid_field))
-    shared = set(items[0][1:]) & set(items[1][1:])
-    if not shared:
-        raise ValueError(
-            f"candidate_source: {path} ({name}) knows none of this run's {len(items[0]) - 1} item tokens "
-            f"of {config['dataset']!r}: not a model of this data"
-        )
+    check_coverage(path, name, "item", items, config["dataset"])
+    if saved["MODEL_TYPE"] != ModelType.SEQUENTIAL:  # a general model scores users by their own embedding
+        known = check_coverage(path, name, "user", users, config["dataset"])
+        if known < len(users[0]) - 1:
+            warnings.warn(
+                f"candidate_source: {path} ({name}) knows {known} of this run's {len(users[0]) - 1} users; "
+                "the others get its padding user's scores (their candidates are its item order, not theirs)",
+                stacklevel=2,
+            )
     same = items[0] == items[1] and users[0] == users[1]
     model = get_model(name)(saved, dataset if same else own)
     model.load_state_dict(checkpoint["state_dict"])

@@ -320,3 +320,53 @@ def test_why_explains_an_item_of_the_last_list_on_demand(toy_config_dict):
     )  # explaining changes no list
     assert session.handle("explain 9").message == "why: needs a number on the list (1..4), got 9"
     assert session.handle("why x").message == "why: needs a number on the list, got 'x'"
+
+
+def _feedback_file(path, rows):
+    """A feedback file as Session.save_feedback writes it: (user, item, rating, time) rows."""
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float\tfeedback_session:token"]
+    lines += [f"{u}\t{i}\t{r:g}\t{t}\ts1" for u, i, r, t in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_feedback_of_earlier_sessions_is_used_by_the_next_answer(toy_config_dict, tmp_path):
+    """chat and recommend with --feedback: liked items join the history (the prompt shows them),
+    disliked items are never proposed; the last verdict on an item counts; a new user's feedback is
+    their history."""
+    from recbole_llmgen.feedback import read_feedback
+
+    settings = {k: v for k, v in toy_config_dict.items() if k != "show_progress"}
+    before = recommend(["u1"], topk=5, dataset="toy", config_dict=settings)
+    disliked = list(before["item_id"])[:2]  # what u1 would be offered first
+    session = _session(toy_config_dict)
+    liked = next(str(session.item_tokens[i]) for i in range(1, len(session.item_tokens))
+                 if session.item_ids[str(session.item_tokens[i])] not in session.history
+                 and str(session.item_tokens[i]) not in disliked)  # fmt: skip
+    path = _feedback_file(tmp_path / "fb.inter", [("u1", disliked[0], 1, 10), ("u1", liked, 1, 11), ("u1", liked, 5, 12),
+                                                   ("u1", disliked[1], 1, 13), ("u2", liked, 1, 14)])  # fmt: skip
+    ids = session.item_ids
+    assert read_feedback([path], "u1", ids) == ([ids[liked]], {ids[disliked[0]], ids[disliked[1]]})
+    assert read_feedback([path], "u2", ids) == ([], {ids[liked]})
+
+    after = recommend(["u1"], topk=5, dataset="toy", config_dict=settings, feedback=[path])
+    assert not set(after["item_id"]) & set(disliked) and liked not in set(after["item_id"])
+    assert len(after) == 5
+
+    opened = Session.open("toy", "u1", config_dict=settings, topk=4, feedback=[path])
+    assert opened.prompt_history()[-1] == ids[liked] and opened.history[:-1] == session.history
+    assert opened.disliked == {ids[disliked[0]], ids[disliked[1]]}
+    rows = opened.ask(REQUEST)
+    assert not {r["item_id"] for r in rows} & set(disliked)
+
+    newcomer = _feedback_file(tmp_path / "new.inter", [("new-user", liked, 5, 1)])
+    fresh = Session.open("toy", None, config_dict=settings, topk=4, feedback=[newcomer])
+    assert fresh.history == [ids[liked]]
+    with pytest.raises(ValueError, match=r"feedback: .* line 2: item 'nope' is not an item of this dataset"):
+        Session.open(
+            "toy", "u1", config_dict=settings, feedback=[_feedback_file(tmp_path / "b.inter", [("u1", "nope", 5, 1)])]
+        )
+    real = tmp_path / "toy.inter"
+    real.write_text("user_id:token\titem_id:token\nu1\ti1\n")
+    with pytest.raises(ValueError, match="is not a feedback file written by recbole-llmgen"):
+        recommend(["u1"], dataset="toy", config_dict=settings, feedback=[str(real)])

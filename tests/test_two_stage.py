@@ -169,3 +169,23 @@ def test_model_name_is_trained_first_and_reloads(toy_config_dict):
     _, reloaded, *_ = load_data_and_model(trainer.saved_model_file)
     assert reloaded.candidate_model_file == model.candidate_model_file
     torch.testing.assert_close(reloaded.full_sort_predict(batch), expected, rtol=0, atol=1e-5)
+
+
+def test_a_candidate_model_of_too_little_of_the_data_is_refused_with_the_counts(toy_config_dict, tmp_path):
+    """A checkpoint of the same dataset name that knows under half of the run's items is refused, the
+    counts named; one that misses a few users (a general model) is used, with a warning that names them."""
+    other = tmp_path / "elsewhere" / "toy"  # a dataset also named toy that shares 3 of its 30 items
+    other.mkdir(parents=True)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    lines += [
+        f"v{u}\t{'i' if k < 3 else 'j'}{(u + k) % 30 if k >= 3 else k}\t{u * 100 + k}"
+        for u in range(8)
+        for k in range(12)
+    ]
+    (other / "toy.inter").write_text("\n".join(lines) + "\n")
+    sparse = _bpr_file({**toy_config_dict, "data_path": str(other.parent)})
+    with pytest.raises(ValueError, match=r"knows 3 of this run's 30 item tokens of 'toy' \(10%; at least 50% needed\)"):
+        build({**toy_config_dict, "candidate_source": sparse})
+    filtered = _bpr_file(toy_config_dict, **FILTERED)
+    with pytest.warns(UserWarning, match=r"knows 7 of this run's 8 users; the others get its padding user's scores"):
+        build({**toy_config_dict, "candidate_source": filtered})
