@@ -233,13 +233,13 @@ def only_users(loader, tokens):
     import numpy as np
     import torch
 
+    from recbole_llmgen import seen_items
+
     dataset = loader._dataset
     field = dataset.uid_field
     known = dataset.field2token_id[field]
     ids = np.asarray([known[t] for t in tokens if t in known], dtype=np.int64)
     keep = np.isin(dataset.inter_feat[field].numpy(), ids)
-    from recbole_llmgen import seen_items
-
     subset = dataset.copy(dataset.inter_feat[torch.from_numpy(np.flatnonzero(keep))])
     sampled = type(loader)(loader.config, subset, loader._sampler, shuffle=False)
     seen_items.carry(loader, sampled)  # the same items masked as in the whole split

@@ -40,8 +40,8 @@ MODEL_DEFAULTS = {
     "LLMGen": {"num_candidates": 10, "max_history_items": 5},
 }
 # RecBole's own mixed precision (`enable_amp`: autocast, bf16 on a CPU) for the classic models where
-# the CPU computes bf16 natively (AMX, avx512_bf16) or on CUDA: SASRec's training step 1.9x faster
-# on 2 Xeon cores with AMX (3.9 -> 2.0 s a step of 2048 sequences; evaluation stays fp32).
+# the CPU computes bf16 natively (AMX, avx512_bf16) or on CUDA: SASRec's training step 1.67x faster
+# on 2 Xeon cores with AMX (benchmarks/bench_classic_step.py; evaluation stays fp32).
 AMP_MODELS = ("SASRec", "GRU4Rec")
 
 
