@@ -62,16 +62,22 @@ def is_sequential(config) -> bool:
 
 def user_items(dataset) -> dict[int, set[int]]:
     """Every item of each user in ``dataset``'s rows: a sequential dataset's rows also carry their
-    history (the user's first item is only there), so its item lists are read as well."""
+    history (the user's first item is only there), so its item lists are read as well (vectorised:
+    ml-100k's ~99k training rows of 50 items in well under a second)."""
     uid, iid = dataset.uid_field, dataset.iid_field
-    users = dataset.inter_feat[uid].numpy()
-    items: dict[int, set[int]] = {}
-    for user, item in zip(users, dataset.inter_feat[iid].numpy()):
-        items.setdefault(int(user), set()).add(int(item))
+    users = dataset.inter_feat[uid].numpy().astype(np.int64)
+    pairs_u, pairs_i = [users], [dataset.inter_feat[iid].numpy().astype(np.int64)]
     seq_field = iid + dataset.config["LIST_SUFFIX"]
     if seq_field in dataset.inter_feat.interaction:
-        for user, history in zip(users, dataset.inter_feat[seq_field].numpy()):
-            items[int(user)].update(int(i) for i in history if i)
+        histories = dataset.inter_feat[seq_field].numpy().astype(np.int64)  # [rows, max length], 0 = padding
+        rows, cols = np.nonzero(histories)
+        pairs_u.append(users[rows])
+        pairs_i.append(histories[rows, cols])
+    width = int(max(int(p.max(initial=0)) for p in pairs_i)) + 1
+    keys = np.unique(np.concatenate(pairs_u) * width + np.concatenate(pairs_i))
+    items: dict[int, set[int]] = {}
+    for user, item in zip((keys // width).tolist(), (keys % width).tolist()):
+        items.setdefault(user, set()).add(item)
     return items
 
 
