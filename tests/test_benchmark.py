@@ -504,3 +504,49 @@ def test_each_llmgen_row_is_paired_with_every_other_row():
     text = paired_markdown(pairs)
     assert "| LLMGen (generates from the catalogue, no candidate model) | SASRec | -0.1" in text
     assert text.count("\n| LLMGen (") == 2  # one row per pair
+
+
+def test_a_row_is_rerun_when_what_it_read_changes(toy_config_dict, tmp_path, monkeypatch):
+    """The run hash covers the dataset files' contents and the code's versions (recorded in the row):
+    an unchanged rerun reuses the row, changed data or another release reruns it."""
+    from recbole_llmgen.benchmark import inputs
+
+    ran = []
+
+    def runner(spec, log_path):
+        ran.append(spec["model"])
+        return benchmark.run_in_process(spec, log_path)
+
+    out = str(tmp_path / "bench")
+
+    def run():
+        return benchmark.run_benchmark("toy", ["Pop"], "full", None, bench_overrides(toy_config_dict), out,
+                                       log=lambda m: None, runner=runner)  # fmt: skip
+
+    first = run()
+    assert first[0]["inputs"]["data"] and first[0]["inputs"]["versions"]["recbole"] == "1.2.1"
+    run()
+    assert ran == ["Pop"]  # unchanged: reused
+    inter = os.path.join(toy_config_dict["data_path"], "toy", "toy.inter")
+    with open(inter, "a", encoding="utf-8") as f:
+        f.write("u0\ti29\t5\t99999\n")  # re-converted data
+    third = run()
+    assert ran == ["Pop", "Pop"] and third[0]["inputs"]["data"] != first[0]["inputs"]["data"]
+    monkeypatch.setattr(inputs, "versions", lambda: {"recbole-llmgen": "9.9", "recbole": "1.2.1"})
+    run()
+    assert ran == ["Pop", "Pop", "Pop"]
+
+
+def test_the_weights_identity_follows_the_weights_not_the_path(tiny_llm_path, tmp_path):
+    import shutil
+
+    from recbole_llmgen.benchmark.inputs import weights_digest
+
+    moved = shutil.copytree(tiny_llm_path, tmp_path / "moved")
+    assert weights_digest(str(moved)) == weights_digest(tiny_llm_path)
+    weights = next(p for p in moved.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # another fine-tune behind the same path
+    weights.write_bytes(bytes(data))
+    assert weights_digest(str(moved)) != weights_digest(tiny_llm_path)
+    assert weights_digest("org/not-here") == "hub:org/not-here"

@@ -7,19 +7,20 @@ import hashlib
 import json
 import os
 
+from recbole_llmgen.benchmark.inputs import file_digest
 from recbole_llmgen.benchmark.plan import file_settings
 
 
 def run_hash(spec: dict) -> str:
-    """Everything that defines a run: model, dataset, config dict, config files' text, candidates."""
+    """Everything that defines a run: model, dataset, config dict, config files' text, the candidate
+    model file's contents, and what the row reads (``spec['inputs']``: :func:`inputs.row_inputs`)."""
     # a file that sets nothing for this model (a section for another one) is no part of its run
     files = [s for s in (file_settings(path, spec["model"]) for path in spec.get("config_files") or []) if s]
     candidate = spec["config"].get("candidate_source")
-    stamp = None
-    if isinstance(candidate, str) and os.path.isfile(candidate):
-        stat = os.stat(candidate)
-        stamp = [stat.st_size, int(stat.st_mtime)]
+    stamp = file_digest(candidate) if isinstance(candidate, str) and os.path.isfile(candidate) else None
     parts = [spec["model"], spec["dataset"], spec["config"], files, stamp, spec.get("llm_valid", False)]
+    if spec.get("inputs"):  # the data's, the weights' and the code's identity (benchmark.inputs)
+        parts.append(spec["inputs"])
     if spec.get("name"):  # a row of its own built from another model (the text retriever)
         parts.append(spec["name"])
     if spec.get("eval_users"):  # another sample of users is another run (its rows are never reused)

@@ -9,11 +9,14 @@ from collections.abc import Callable
 
 from recbole_llmgen.benchmark.cache import read_record, run_hash, write_record
 from recbole_llmgen.benchmark.choose import best_candidate, best_classic, candidate_source_of, expand
+from recbole_llmgen.benchmark.inputs import row_inputs
 from recbole_llmgen.benchmark.plan import (
     DEFAULT_MODELS,
     DEFAULT_SEED,
     check_arguments,
     chooses_candidates,
+    data_folder,
+    llm_path_of,
     ordered_models,
     regime_data,
     row_model,
@@ -58,6 +61,7 @@ def run_benchmark(
     regime = regime or Regime()
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     data_path, users = regime_data(regime, dataset, overrides, config_files, out)
+    folder = data_folder(dataset, overrides, config_files, out, data_path)
     sample, users = sampled(users, eval_users, overrides, log)
     choose = chooses_candidates(models, overrides, config_files)
     ordered = ordered_models(models, choose, requests)
@@ -65,6 +69,7 @@ def run_benchmark(
     specs: dict[str, dict] = {}
     for index, model in enumerate(ordered, 1):
         spec = row_spec(model, dataset, protocol, overrides, out, config_files, data_path, sample)
+        spec["inputs"] = row_inputs(spec, folder, llm_path_of(spec) if spec["model"] == "LLMGen" else "")
         if model == "LLMGen":
             if llm_valid:
                 spec["llm_valid"] = True
@@ -121,6 +126,7 @@ def reuse_or_run(spec: dict, out: str, runner, log: Callable[[str], None], count
     else:
         row = runner(spec, log_path)
     row["hash"] = digest
+    row["inputs"] = spec.get("inputs")
     row["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_record(record, row)
     if row.get("status") == "ok":

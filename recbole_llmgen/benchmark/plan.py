@@ -164,6 +164,35 @@ def regime_data(regime: Regime, dataset: str, overrides: dict, config_files: lis
     return data_path, table.loc[selected_users(regime, table)]
 
 
+def data_folder(dataset: str, overrides: dict, config_files, out: str, data_path: str | None) -> str:
+    """The folder RecBole reads the dataset's atomic files from (a regime's copy, or the Config's)."""
+    if data_path is not None:
+        return os.path.join(data_path, dataset)
+    from recbole_llmgen.integration import build_config, recbole_argv
+
+    with recbole_argv([]):
+        config = build_config("Pop", dataset, model_config("Pop", dataset, "full", overrides, out, config_files),
+                              config_files)  # fmt: skip
+    return config["data_path"]
+
+
+def llm_path_of(spec: dict) -> str:
+    """The ``llm_path`` an LLMGen row loads: its config dict's, else its config files' (the last that
+    sets it), else LLMGen's default."""
+    import yaml
+
+    from recbole_llmgen.integration import PROPERTIES
+
+    if spec["config"].get("llm_path"):
+        return spec["config"]["llm_path"]
+    from_files = [file_settings(path, "LLMGen").get("llm_path") for path in spec.get("config_files") or []]
+    from_files = [v for v in from_files if v]
+    if from_files:
+        return from_files[-1]
+    with open(PROPERTIES, encoding="utf-8") as f:
+        return yaml.safe_load(f)["llm_path"]
+
+
 def check_arguments(models, protocol: str, config_files, overrides: dict | None, llm_nproc: int) -> dict:
     """The run's overrides (a copy, ``seen_items`` set: one rule for every row) once every argument
     is checked; a named error for the first that is not allowed."""
