@@ -14,6 +14,7 @@ retriever, a row of its own) unless ``candidate_source`` is given. Writes ``OUT/
 The rooms, one job each:
 
 * :mod:`~recbole_llmgen.benchmark.plan`: which models, each one's config dict, the users evaluated;
+* :mod:`~recbole_llmgen.benchmark.inputs`: what a row read, by content (data, weights, versions);
 * :mod:`~recbole_llmgen.benchmark.cache`: the run hash and row records (what is reused);
 * :mod:`~recbole_llmgen.benchmark.run`: one row, trained and evaluated in its own process;
 * :mod:`~recbole_llmgen.benchmark.choose`: LLMGen's candidate source, the rows a run gives;
