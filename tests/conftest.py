@@ -169,3 +169,27 @@ def record_evaluations(trainer, value) -> list:
     evaluated, original = [], trainer.evaluate
     trainer.evaluate = lambda data, *a, **kw: evaluated.append((data, value())) or original(data, *a, **kw)
     return evaluated
+
+
+def hand_metrics(model, data) -> dict:
+    """NDCG@10 and Hit@10 of a full-ranking loader computed by hand (the definitions, not RecBole's
+    metric code) from ``model.full_sort_predict``, the loader's masked items and its positives,
+    rounded as RecBole reports them; one positive per row (leave-one-out)."""
+    import math
+
+    import torch
+
+    model.eval()
+    ndcg = hit = rows = 0.0
+    for interaction, history_index, positive_u, positive_i in data:
+        with torch.no_grad():
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1).clone()
+        scores[:, 0] = -math.inf
+        if history_index is not None:
+            scores[history_index] = -math.inf
+        for row, item in zip(positive_u.tolist(), positive_i.tolist()):
+            rank = int((scores[row] > scores[row, item]).sum())
+            hit += rank < 10
+            ndcg += 1 / math.log2(rank + 2) if rank < 10 else 0.0
+            rows += 1
+    return {"ndcg@10": round(ndcg / rows, 4), "hit@10": round(hit / rows, 4)}

@@ -14,7 +14,6 @@ def test_recbole_run_recbole_and_load_data_and_model(toy_config_dict, tmp_path):
     config = dict(toy_config_dict, checkpoint_dir=str(tmp_path / "saved"))
     result = run_recbole(model="LLMGen", dataset="toy", config_dict=config)
     assert set(result) == {"best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
-    assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
     (checkpoint,) = list((tmp_path / "saved").glob("LLMGen-*.pth"))
     assert checkpoint.stat().st_size < 200_000  # config only: never the frozen LLM
     assert not list((tmp_path / "saved").glob(".tmp-*"))
@@ -27,6 +26,11 @@ def test_recbole_run_recbole_and_load_data_and_model(toy_config_dict, tmp_path):
     _, fresh, *_ = build(config)
     batch = next(iter(test_data))[0]
     assert torch.allclose(model.full_sort_predict(batch), fresh.full_sort_predict(batch))
+    # RecBole's test result is the ranking metric of the reloaded model's scores, computed by hand
+    from conftest import hand_metrics
+
+    expected = hand_metrics(model, test_data)
+    assert {k: round(float(result["test_result"][k]), 4) for k in expected} == expected
 
 
 def test_zero_shot_trains_nothing(toy_config_dict, monkeypatch):
