@@ -11,7 +11,7 @@ import warnings
 
 import yaml
 
-from recbole_llmgen import per_user, text
+from recbole_llmgen import per_user, seen_items, text
 from recbole_llmgen.benchmark import DEFAULT_MODELS, PROTOCOLS
 
 FEEDBACK_HELP = "feedback files of earlier chats: liked items join the history, disliked ones are never proposed"
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--seen_items",
         default=None,
-        choices=["mask", "keep"],
+        choices=list(seen_items.RULES),
         help="ranking rule of every row: mask (default) never ranks an item the user saw before the evaluated one, "
         "keep ranks every item",
     )

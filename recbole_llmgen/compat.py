@@ -251,7 +251,7 @@ def patch_dok_update() -> None:
     """``dok_matrix._update`` for RecBole's graph models on today's scipy (see the module docstring)."""
     import scipy.sparse as sp
 
-    if not hasattr(sp.dok_matrix, "_update") or getattr(sp.dok_matrix._update, "__llmgen_patch__", False):
+    if not hasattr(sp.dok_matrix, "_update"):  # scipy < 1.13 still has its own
         replace(sp.dok_matrix, "_update", _dok_update)
 
 

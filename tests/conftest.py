@@ -171,25 +171,40 @@ def record_evaluations(trainer, value) -> list:
     return evaluated
 
 
-def hand_metrics(model, data) -> dict:
-    """NDCG@10 and Hit@10 of a full-ranking loader computed by hand (the definitions, not RecBole's
-    metric code) from ``model.full_sort_predict``, the loader's masked items and its positives,
-    rounded as RecBole reports them; one positive per row (leave-one-out)."""
+def ranking_metrics(scores, targets, masked) -> dict:
+    """NDCG@10 and Hit@10 by their definitions (not RecBole's metric code): row ``b`` ranks every
+    item by ``scores[b]`` without the padding item and the items ``masked[b]``; its target is
+    ``targets[b]``. Rounded as RecBole reports them."""
     import math
 
+    ndcg = hit = 0.0
+    for b, target in enumerate(targets):
+        row = scores[b].clone()
+        row[0] = -math.inf
+        row[list(masked[b])] = -math.inf
+        rank = int((row > row[target]).sum())
+        if rank < 10:
+            hit += 1
+            ndcg += 1 / math.log2(rank + 2)
+    return {"ndcg@10": round(ndcg / len(targets), 4), "hit@10": round(hit / len(targets), 4)}
+
+
+def hand_metrics(model, data) -> dict:
+    """:func:`ranking_metrics` of a full-ranking loader: ``model.full_sort_predict`` scores, the
+    loader's masked items and its positives (one per row: leave-one-out), over all its batches."""
     import torch
 
     model.eval()
-    ndcg = hit = rows = 0.0
+    scores, targets, masked = [], [], []
     for interaction, history_index, positive_u, positive_i in data:
         with torch.no_grad():
-            scores = model.full_sort_predict(interaction).view(len(interaction), -1).clone()
-        scores[:, 0] = -math.inf
+            batch = model.full_sort_predict(interaction).view(len(interaction), -1)
+        hidden = [[] for _ in range(len(batch))]
         if history_index is not None:
-            scores[history_index] = -math.inf
+            for row, item in zip(*(t.tolist() for t in history_index)):
+                hidden[row].append(item)
         for row, item in zip(positive_u.tolist(), positive_i.tolist()):
-            rank = int((scores[row] > scores[row, item]).sum())
-            hit += rank < 10
-            ndcg += 1 / math.log2(rank + 2) if rank < 10 else 0.0
-            rows += 1
-    return {"ndcg@10": round(ndcg / rows, 4), "hit@10": round(hit / rows, 4)}
+            scores.append(batch[row])
+            targets.append(item)
+            masked.append(hidden[row])
+    return ranking_metrics(scores, targets, masked)

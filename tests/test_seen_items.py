@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import bench_overrides, build
+from conftest import bench_overrides, build, ranking_metrics
 
 from recbole_llmgen import benchmark, seen_items
 from recbole_llmgen.compat import original
@@ -26,21 +24,6 @@ def raw_histories(root, name: str = "toy") -> dict[str, list[str]]:
     for user, _, item in sorted(rows):
         histories.setdefault(user, []).append(item)
     return histories
-
-
-def by_hand(scores: torch.Tensor, users, targets, masked: list[list[int]]) -> dict[str, float]:
-    """NDCG@10 and Hit@10 of the targets in rankings of ``scores`` with ``masked`` items (and the
-    padding item) removed: the definitions, not RecBole's code."""
-    ndcg = hit = 0.0
-    for b in range(len(users)):
-        row = scores[b].clone()
-        row[0] = -math.inf
-        row[masked[b]] = -math.inf
-        rank = int((row > row[targets[b]]).sum())
-        if rank < 10:
-            hit += 1
-            ndcg += 1 / math.log2(rank + 2)
-    return {"ndcg@10": round(ndcg / len(users), 4), "hit@10": round(hit / len(users), 4)}
 
 
 def evaluate(config, model, data) -> dict:
@@ -68,8 +51,8 @@ def test_sequential_masked_metrics_equal_a_computation_by_hand(toy_config_dict, 
     targets = inter["item_id"].tolist()
     assert [item_id[histories[u][-1]] for u in tokens] == targets  # leave-one-out: the last one is tested
     earlier = [[item_id[i] for i in histories[u][:-1]] for u in tokens]
-    unmasked = by_hand(scores, tokens, targets, [[] for _ in tokens])
-    masked = by_hand(scores, tokens, targets, earlier)
+    unmasked = ranking_metrics(scores, targets, [[] for _ in tokens])
+    masked = ranking_metrics(scores, targets, earlier)
     assert evaluate(config, model, test_data) == (masked if rule == "mask" else unmasked)
     assert masked["ndcg@10"] > unmasked["ndcg@10"]  # the rule matters on these scores: the test can fail
 

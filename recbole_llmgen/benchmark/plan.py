@@ -145,18 +145,22 @@ def sample_users(users, eval_users, seed: int, log: Callable[[str], None] = prin
     return {"users": tokens, "of": len(users), "seed": seed}
 
 
+def data_config(dataset: str, overrides: dict, config_files, out: str):
+    """RecBole's Config of the run's data (its folder, columns and seed, as every model reads them)."""
+    from recbole_llmgen.integration import build_config, recbole_argv
+
+    with recbole_argv([]):
+        return build_config("Pop", dataset, model_config("Pop", dataset, "full", overrides, out, config_files),
+                            config_files)  # fmt: skip
+
+
 def regime_data(regime: Regime, dataset: str, overrides: dict, config_files: list[str] | None, out: str):
     """``(data_path, users)``: the regime's copy of the data (None: the user's own) and its per-user
     table (training interactions, test target) restricted to the users it evaluates. The dataset's
     folder, columns and seed are read from RecBole's Config, as every model of the run reads them.
     A default regime on a dataset without atomic files under data_path gives no table (None)."""
-    from recbole_llmgen.integration import build_config, recbole_argv
-
-    with recbole_argv([]):
-        config = build_config("Pop", dataset, model_config("Pop", dataset, "full", overrides, out, config_files),
-                              config_files)  # fmt: skip
     try:
-        data_path, table = prepare_regime(regime, config, out)
+        data_path, table = prepare_regime(regime, data_config(dataset, overrides, config_files, out), out)
     except (FileNotFoundError, RegimeUnavailable):
         if not regime.is_default:
             raise
@@ -168,12 +172,7 @@ def data_folder(dataset: str, overrides: dict, config_files, out: str, data_path
     """The folder RecBole reads the dataset's atomic files from (a regime's copy, or the Config's)."""
     if data_path is not None:
         return os.path.join(data_path, dataset)
-    from recbole_llmgen.integration import build_config, recbole_argv
-
-    with recbole_argv([]):
-        config = build_config("Pop", dataset, model_config("Pop", dataset, "full", overrides, out, config_files),
-                              config_files)  # fmt: skip
-    return config["data_path"]
+    return data_config(dataset, overrides, config_files, out)["data_path"]
 
 
 def llm_path_of(spec: dict) -> str:
