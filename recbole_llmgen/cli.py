@@ -14,6 +14,9 @@ import yaml
 from recbole_llmgen import per_user, seen_items, text
 from recbole_llmgen.benchmark import DEFAULT_MODELS, PROTOCOLS
 
+TRAIN_FEEDBACK_HELP = (
+    "feedback files of chats: liked items join the training split (never valid or test), dislikes are not trained on"
+)
 FEEDBACK_HELP = "feedback files of earlier chats: liked items join the history, disliked ones are never proposed"
 
 
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config_files", nargs="+", default=None, help="yaml config files")
     run.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     run.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
+    run.add_argument("--feedback", nargs="+", default=None, metavar="FILE", help=TRAIN_FEEDBACK_HELP)
     run.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPUs, one GPU each)")
     run.add_argument("--world_size", type=int, default=-1, help="processes on all machines (default: nproc)")
     run.add_argument("--ip", default="localhost", help="address of the machine running rank 0")
@@ -69,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--topk", type=int, default=10)
     rec.add_argument("--explain", action="store_true", help="one or two sentences per item from the LLM")
     rec.add_argument("--feedback", nargs="+", default=None, metavar="FILE", help=FEEDBACK_HELP)
-    rec.add_argument("--model-file", default=None, help="a saved LLMGen checkpoint (saved/LLMGen-*.pth)")
+    rec.add_argument(
+        "--model-file", default=None, help="a saved checkpoint: LLMGen or any RecBole model (saved/MODEL-*.pth)"
+    )
     rec.add_argument("--model", "-m", default="LLMGen")
     rec.add_argument("--config_files", nargs="+", default=None)
     rec.add_argument("--json", default=None, metavar="PATH", help="write the rows as a JSON list")
@@ -100,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
     bench.add_argument("--protocol", default="full", choices=list(PROTOCOLS), help="full ranking or LLMRank's uni19")
     bench.add_argument("--config_files", nargs="+", default=None, help="yaml config files (every model)")
+    bench.add_argument("--feedback", nargs="+", default=None, metavar="FILE", help=TRAIN_FEEDBACK_HELP)
     bench.add_argument("--out", default=None, help="output folder (default: results/benchmark-DATASET-PROTOCOL)")
     bench.add_argument(
         "--seen_items",
@@ -332,6 +339,16 @@ def _compare(args) -> int:
     return 0
 
 
+def _feedback_files(paths: list[str], command: str) -> list[str]:
+    """``--feedback`` of run/benchmark, checked before any data is read."""
+    from recbole_llmgen.feedback import check_config
+
+    try:
+        return check_config(paths)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"recbole-llmgen {command}: {error}") from None
+
+
 def _benchmark(args, overrides: dict) -> int:
     """``recbole-llmgen benchmark``: one run, or with ``--sweep`` one run per value of a regime option."""
     from recbole_llmgen.benchmark import run_benchmark
@@ -341,6 +358,8 @@ def _benchmark(args, overrides: dict) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.seen_items is not None:
         overrides = {**overrides, "seen_items": args.seen_items}
+    if args.feedback:  # every row trains on the same feedback (recbole_llmgen.feedback)
+        overrides = {**overrides, "feedback": _feedback_files(args.feedback, "benchmark")}
     options = {"train_fraction": args.train_fraction, "cold_users": args.cold_users, "cold_items": args.cold_items}
     common = {"llm_valid": args.llm_valid, "llm_nproc": _llm_nproc(args.llm_nproc), "requests": args.requests}
     if args.eval_users is not None:
@@ -419,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         from_files = _from_config_files(args.config_files)
         args.model = args.model or overrides.pop("model", None) or from_files.get("model") or "LLMGen"
         args.dataset = args.dataset or overrides.pop("dataset", None) or from_files.get("dataset") or "ml-100k"
+        if args.feedback:  # liked items join the training split (recbole_llmgen.feedback)
+            overrides["feedback"] = _feedback_files(args.feedback, "run")
 
         start = time.perf_counter()
         with recbole_argv():

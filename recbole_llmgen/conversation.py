@@ -17,7 +17,14 @@ import uuid
 from dataclasses import dataclass, field
 
 from recbole_llmgen import text
-from recbole_llmgen.feedback import DISLIKE_RATING, LIKE_RATING, SESSION_COLUMN, check_feedback_file, read_feedback
+from recbole_llmgen.feedback import (
+    DISLIKE_RATING,
+    LIKE_RATING,
+    SESSION_COLUMN,
+    check_feedback_file,
+    read_feedback,
+    with_trained,
+)
 from recbole_llmgen.integration import load_model, user_histories
 from recbole_llmgen.recommend import NEW_USER, explain_item
 from recbole_llmgen.requests import rank_for_request
@@ -86,9 +93,11 @@ class Session:
         """Load the model (a saved checkpoint, or a config) once and start a session for ``user``.
         ``feedback``: feedback files of earlier sessions (:func:`read_feedback`): the user's liked
         items join the history the prompt shows, disliked ones are never proposed (a new user's
-        feedback, rows of ``new-user``, builds their history from nothing)."""
+        feedback, rows of ``new-user``, builds their history from nothing); a model trained with
+        ``feedback`` files (``run --feedback``) adds those that still exist."""
         config, rec, full = load_model(model, dataset, config_file_list, config_dict, model_file)
         session = cls(rec, full, config, user=user, topk=topk, explain=explain)
+        feedback = with_trained(feedback, config)  # and the feedback the model was trained on
         if feedback:
             liked, disliked = read_feedback(feedback, session.user or NEW_USER, session.item_ids)
             session.history = [*session.history, *[i for i in liked if i not in session.history]]

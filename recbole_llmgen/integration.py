@@ -198,7 +198,8 @@ def load_model(model: str, dataset: str | None, config_file_list, config_dict, m
 
 
 def user_histories(full, user_ids: list[int], uid_field: str, iid_field: str, time_field: str | None):
-    """Each user's whole history in the filtered dataset, oldest first: {inner user id: [item ids]}."""
+    """Each user's whole history in the filtered dataset, oldest first: {inner user id: [item ids]}
+    (a sequential dataset's first item included: it is in no row's target)."""
     inter = full.inter_feat
     users = inter[uid_field].numpy()
     items = inter[iid_field].numpy()
@@ -208,9 +209,17 @@ def user_histories(full, user_ids: list[int], uid_field: str, iid_field: str, ti
         order = sorted(order, key=lambda r: (times[r], r))
     wanted = set(user_ids)
     histories = {u: [] for u in user_ids}
+    # a sequential dataset holds one row per (history, target): a user's first item is only in the
+    # history of their first row
+    seq_field = iid_field + full.config["LIST_SUFFIX"]
+    lists = inter[seq_field].numpy() if seq_field in inter.interaction else None
+    lengths = inter[full.config["ITEM_LIST_LENGTH_FIELD"]].numpy() if lists is not None else None
     for r in order:
-        if users[r] in wanted:
-            histories[int(users[r])].append(int(items[r]))
+        user = int(users[r])
+        if user in wanted:
+            if lists is not None and not histories[user]:
+                histories[user].extend(int(i) for i in lists[r, : lengths[r]] if i)
+            histories[user].append(int(items[r]))
     return histories
 
 

@@ -65,6 +65,10 @@ PATCHES: tuple[Patch, ...] = (
            "recbole.quick_start.quick_start:data_preparation"), "seen_items",
           "a sequential model's evaluation rows need the items of the earlier phases to mask them",
           "tests/test_seen_items.py::test_sequential_masked_metrics_equal_a_computation_by_hand"),
+    # --- feedback: chat feedback as training interactions (run/benchmark --feedback)
+    Patch(("recbole.data.dataset:Dataset.build",), "feedback",
+          "the liked items of feedback files join the training split only, never valid or test",
+          "tests/test_feedback_training.py::test_likes_join_the_training_split_only"),
     # --- distributed: RecBole's multi-process mode
     Patch(("recbole.config.configurator:Config._init_device",), "distributed",
           "NCCL and cuda:<rank> hard-coded: gloo on CPUs",
@@ -87,8 +91,9 @@ def install() -> None:
     from recbole_llmgen import compat
 
     compat.apply()  # before anything imports RecBole's modules that read numpy's aliases
-    from recbole_llmgen import distributed, registry, seen_items
+    from recbole_llmgen import distributed, feedback, registry, seen_items
 
     distributed.install()
+    feedback.install()
     registry.install_hooks()
     seen_items.install()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 
@@ -10,7 +11,7 @@ import pandas as pd
 import torch
 
 from recbole_llmgen import text
-from recbole_llmgen.feedback import read_feedback
+from recbole_llmgen.feedback import read_feedback, with_trained
 from recbole_llmgen.integration import load_model, user_histories
 from recbole_llmgen.requests import score_requests
 
@@ -51,7 +52,8 @@ def recommend(
     ``users=None`` with a request: a new user without history (rows named ``new-user``).
     ``feedback``: feedback files of earlier chats (:func:`recbole_llmgen.feedback.read_feedback`):
     each user's liked items join their history, disliked items are never recommended; a new user's
-    (``new-user`` rows) build their history from nothing.
+    (``new-user`` rows) build their history from nothing. A model trained with ``feedback`` files
+    (``run --feedback``) adds those that still exist.
     """
     if isinstance(users, str):
         users = [users]
@@ -74,6 +76,7 @@ def recommend(
     inner = [known[str(u)] for u in users]
     histories = user_histories(full, inner, uid, iid, config["TIME_FIELD"])
     disliked: dict = {}
+    feedback = with_trained(feedback, config)  # and the feedback the model was trained on (run --feedback)
     if feedback:
         for user, u in [*zip(map(str, users), inner), *([] if users else [(NEW_USER, None)])]:
             liked, disliked[u] = read_feedback(feedback, user, full.field2token_id[iid])
@@ -96,25 +99,47 @@ def recommend(
         lens[row] = len(history)
     from recbole.data.interaction import Interaction
 
-    interaction = Interaction({uid: torch.tensor(inner), rec.ITEM_SEQ: seqs, rec.ITEM_SEQ_LEN: lens}).to(
-        config["device"]
-    )
+    fields = {uid: torch.tensor(inner)}
+    if hasattr(rec, "ITEM_SEQ"):  # a sequential model (LLMGen, SASRec...) reads the history; a general one its user
+        fields.update({rec.ITEM_SEQ: seqs, rec.ITEM_SEQ_LEN: lens})
     rec.eval()
     with torch.no_grad():
-        scores = rec.full_sort_predict(interaction).cpu()  # [B, n_items]
+        scores = rec.full_sort_predict(Interaction(fields).to(config["device"])).cpu().view(len(inner), -1)
     scores[:, 0] = -math.inf
     for row, u in enumerate(inner):
+        scores[row, sorted(set(histories[u]))] = -math.inf  # what the user has seen (or liked) is never proposed
         scores[row, sorted(disliked.get(u, ()))] = -math.inf  # what the user disliked before: never again
     rows = []
+    texts = rec.item_texts if hasattr(rec, "item_texts") else file_item_texts(config, full)
     for row, (user, u) in enumerate(zip(users, inner)):
         values, items = torch.topk(scores[row], min(topk, rec.n_items - 1))
         for rank, (value, item) in enumerate(zip(values.tolist(), items.tolist()), start=1):
             if value == -math.inf:
                 break
-            item_text = rec.item_texts[item] if hasattr(rec, "item_texts") else ""
+            item_text = texts.get(str(full.id2token(iid, item)), "") if isinstance(texts, dict) else texts[item]
             explanation = explain_item(rec, histories[u], item, max_explanation_tokens) if explain else ""
             rows.append([str(user), rank, str(full.id2token(iid, item)), item_text, float(value), explanation])
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def file_item_texts(config, full) -> dict[str, str]:
+    """``{item token: text}`` from the dataset's ``.item`` file (its title and year fields), for a
+    classic model whose data loads no item text; empty when there is no such file or field."""
+    path = os.path.join(config["data_path"], f"{config['dataset']}.item")
+    if not os.path.isfile(path):
+        return {}
+    items = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    columns = {c.split(":")[0]: c for c in items.columns}
+    iid = config["ITEM_ID_FIELD"]
+    try:
+        fields = text.default_text_fields(list(columns), iid)
+    except ValueError:  # no title-like field: the ids alone
+        return {}
+    template = text.default_template(fields)
+    return {
+        row[columns[iid]]: text.render_item_text(template, {f: row[columns[f]] for f in fields})
+        for _, row in items.iterrows()
+    }
 
 
 def _recommend_for_request(

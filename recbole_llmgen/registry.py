@@ -33,7 +33,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable
 
-from recbole_llmgen import seen_items
+from recbole_llmgen import feedback, seen_items
 from recbole_llmgen.compat import replace
 
 _KIND_PACKAGE = {
@@ -208,6 +208,8 @@ def _set_default_parameters_hook(original):
                 self.final_config_dict["data_path"] = local
         # one ranking rule for every model (recbole_llmgen.seen_items), checked before any data is read
         self.final_config_dict["seen_items"] = seen_items.check(self.final_config_dict.get("seen_items"))
+        # feedback files whose likes join the training split (recbole_llmgen.feedback)
+        self.final_config_dict[feedback.KEY] = feedback.check_config(self.final_config_dict.get(feedback.KEY))
         plugin = _PLUGINS.get(self.model)
         if plugin is not None and plugin.finalize_config is not None:
             plugin.finalize_config(self)

@@ -74,3 +74,44 @@ def test_first_sentences():
 
     assert first_sentences("One. Two! Three? Four.", 2) == "One. Two!"
     assert first_sentences("No end", 2) == "No end"
+
+
+@pytest.mark.parametrize("model", ["BPR", "SASRec"])
+def test_a_classic_model_file_recommends_unseen_items_in_its_own_order(toy_config_dict, toy_root, tmp_path, model):
+    """recommend works with any RecBole model file, general (its user) or sequential (the history):
+    the list is the model's full_sort_predict order with every item the user has seen left out."""
+    import torch
+    from recbole.quick_start import load_data_and_model, run_recbole
+
+    settings = dict(toy_config_dict, epochs=1, hidden_size=16, inner_size=32, embedding_size=16, load_col=None,
+                    checkpoint_dir=str(tmp_path / "s"), train_neg_sample_args=None if model == "SASRec" else {})  # fmt: skip
+    if model == "BPR":
+        settings.pop("train_neg_sample_args")
+    run_recbole(model=model, dataset="toy", config_dict=settings)
+    (model_file,) = (tmp_path / "s").glob(f"{model}-*.pth")
+    frame = recommend("u1", topk=5, model_file=str(model_file))
+    seen = _history_tokens(toy_root, "u1")
+    assert len(frame) == 5 and not set(frame["item_id"]) & seen
+    titles = pd.read_csv(toy_root / "toy" / "toy.item", sep="\t", dtype=str).set_index("item_id:token")
+    assert frame["item_text"].tolist() == [
+        f"{titles.loc[i, 'title:token_seq']} ({titles.loc[i, 'year:token']})" for i in frame["item_id"]
+    ]  # the .item file's title (year)
+    config, rec, full, *_ = load_data_and_model(str(model_file))  # the order by hand
+    uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
+    u = full.field2token_id[uid]["u1"]
+    from recbole.data.interaction import Interaction
+
+    fields = {uid: torch.tensor([u])}
+    if model == "SASRec":
+        raw = pd.read_csv(toy_root / "toy" / "toy.inter", sep="\t", dtype=str)  # the history from the file itself
+        raw = raw[raw["user_id:token"] == "u1"].sort_values("timestamp:float", key=lambda t: t.astype(float))
+        ids = full.field2token_id[iid]
+        history = torch.tensor([ids[t] for t in raw["item_id:token"]])[-config["MAX_ITEM_LIST_LENGTH"] :]
+        seq = torch.zeros(1, config["MAX_ITEM_LIST_LENGTH"], dtype=torch.long)
+        seq[0, : len(history)] = history
+        fields.update({rec.ITEM_SEQ: seq, rec.ITEM_SEQ_LEN: torch.tensor([len(history)])})
+    rec.eval()
+    with torch.no_grad():
+        scores = rec.full_sort_predict(Interaction(fields)).view(-1)
+    ranked = [full.id2token(iid, i) for i in torch.argsort(scores, descending=True, stable=True).tolist() if i]
+    assert frame["item_id"].tolist() == [i for i in ranked if i not in seen][:5]

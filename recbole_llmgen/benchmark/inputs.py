@@ -14,6 +14,8 @@ import importlib.metadata
 import json
 import os
 
+from recbole_llmgen.benchmark.plan import file_settings
+
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "recbole_llmgen", "digests.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")  # with config.json: a model's identity
 _cache: dict[str, str] | None = None
@@ -96,6 +98,12 @@ def row_inputs(spec: dict, data_folder: str | None, default_llm_path: str) -> di
     """What ``spec``'s row reads: the dataset's files, the code's versions and, for LLMGen rows (the
     text retriever included), the LLM's weights."""
     found = {"data": dataset_digest(data_folder, spec["dataset"]) if data_folder else None, "versions": versions()}
+    feedback = spec["config"].get("feedback")
+    if feedback is None:  # a config file's value (the last file's wins, as in RecBole)
+        for path in spec.get("config_files") or []:
+            feedback = file_settings(path, spec["model"]).get("feedback", feedback)
+    if feedback:  # the chat feedback trained on (recbole_llmgen.feedback): its contents, not its name
+        found["feedback"] = files_digest([feedback] if isinstance(feedback, str) else list(feedback))
     if spec["model"] == "LLMGen":
         found["llm_weights"] = weights_digest(spec["config"].get("llm_path") or default_llm_path)
     return found

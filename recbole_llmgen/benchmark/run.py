@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from recbole_llmgen import per_user, progress
+from recbole_llmgen import feedback, per_user, progress
 from recbole_llmgen.benchmark.plan import row_model
 from recbole_llmgen.llm import describe_machine
 
@@ -89,17 +89,21 @@ def run_one(spec: dict) -> dict:
     )
     start = time.perf_counter()
     scores: list[tuple[int, float]] = []  # (epoch, valid score) of every validation
+    earlier = resume(spec, trainer, scores)  # an interrupted run of this row goes on from its last checkpoint
     epochs = progress.tracker(f"{spec['model']}: training", int(config["epochs"] or 0), "epochs at most")
+    if epochs is not None and trainer.start_epoch:
+        epochs.advance(trainer.start_epoch, note=f"resumed from {trainer.saved_model_file}")
 
     def validated(epoch: int, score: float) -> None:
         scores.append((epoch, float(score)))
         if epochs is not None:
             epochs.advance(epoch + 1 - epochs.done, note=f"valid {config['valid_metric']} {float(score):.4f}")
+        save_progress(spec, trainer, scores, earlier.get("train_seconds", 0.0) + time.perf_counter() - start)
 
     best_valid_score, best_valid = trainer.fit(
         train_data, None if zero_shot else valid_data, saved=True, show_progress=False, callback_fn=validated
     )
-    train_seconds = time.perf_counter() - start
+    train_seconds = earlier.get("train_seconds", 0.0) + time.perf_counter() - start
     start = time.perf_counter()
     scores_kept = model.cached() if fused else contextlib.nullcontext()
     with scores_kept:  # fused, then LLM only: the LLM scores each test user once
@@ -138,7 +142,9 @@ def run_one(spec: dict) -> dict:
         "machine": describe_machine(config["device"]),
         "llm_dtype": str(model.llm.dtype).removeprefix("torch.") if hasattr(model, "llm") else "",
         "processes": int(spec.get("nproc", 1)),
+        **getattr(train_data.dataset, feedback.USED, {}),  # what --feedback added to the training split
         **training_record(trainer, config, scores),
+        "resumed_from_epoch": earlier.get("epoch"),  # None: trained in one go
         "valid_curve": valid_curve(trainer, scores),
     }
 
@@ -149,6 +155,78 @@ def length_penalty_fields(spec, config, model) -> dict:
     if spec["model"] != "LLMGen" or config["score_method"] == "verbalizer":
         return {}
     return {"length_penalty": model.length_penalty, "length_penalty_auto": config["length_penalty"] == "auto"}
+
+
+# --- an interrupted row goes on where it stopped: after every validation the row's progress file
+# names the checkpoint RecBole kept (the best so far) and what a resumed run cannot recompute (the
+# validations before, the trainer's auto choices, the losses, the training time so far)
+
+HISTORIES = ("fusion_history", "length_penalty_history")  # per validation: {value: valid result}
+CHOICES = ("fusion_weights", "length_penalties")  # per validation: the value chosen
+
+
+def progress_file(spec: dict) -> str | None:
+    users_file = spec.get("users_file")
+    return users_file.removesuffix(per_user.SUFFIX) + ".progress.json" if users_file else None
+
+
+def save_progress(spec: dict, trainer, scores: list[tuple[int, float]], train_seconds: float) -> None:
+    """The row's progress after a validation (one writer; written whole, then renamed into place)."""
+    path = progress_file(spec)
+    if path is None or not _is_writer() or not os.path.isfile(trainer.saved_model_file):
+        return
+    best = scores[best_validation(trainer, scores)][0]
+    state = {
+        "hash": spec.get("hash"),
+        "checkpoint": trainer.saved_model_file,
+        "epoch": best,  # the checkpoint's epoch: training goes on after it
+        "scores": [s for s in scores if s[0] <= best],
+        "train_seconds": round(train_seconds, 1),
+        "train_loss": {str(k): float(v) for k, v in trainer.train_loss_dict.items() if k <= best},
+        **{k: [[[w, {m: float(v) for m, v in r.items()}] for w, r in h.items()] for h in getattr(trainer, k, [])]
+           for k in HISTORIES},  # fmt: skip
+        **{k: list(getattr(trainer, k, [])) for k in CHOICES},
+    }
+    for key in (*HISTORIES, *CHOICES):  # the entries up to the checkpoint's validation
+        state[key] = state[key][: len(state["scores"])]
+    write_json(path, state)
+
+
+def resume(spec: dict, trainer, scores: list[tuple[int, float]]) -> dict:
+    """Go on from the row's progress file when it belongs to this very run (its hash) and its
+    checkpoint is there: RecBole's ``resume_checkpoint`` (weights, optimizer, epoch, early-stopping
+    state), the earlier validations into ``scores`` and the trainer. Returns the progress ({} when
+    starting afresh)."""
+    path = progress_file(spec)
+    state = read_json(path) if path else None
+    if not state or state.get("hash") != spec.get("hash") or not os.path.isfile(state.get("checkpoint", "")):
+        return {}
+    trainer.resume_checkpoint(state["checkpoint"])
+    scores.extend((int(e), float(v)) for e, v in state["scores"])
+    trainer.train_loss_dict.update({int(k): v for k, v in state["train_loss"].items()})
+    for key in HISTORIES:
+        if hasattr(trainer, key):
+            getattr(trainer, key).extend({float(w): r for w, r in h} for h in state[key])
+    for key in CHOICES:
+        if hasattr(trainer, key):
+            getattr(trainer, key).extend(state[key])
+    trainer.logger.info(f"resumed from {state['checkpoint']} (epoch {state['epoch']}, {path})")
+    return state
+
+
+def write_json(path: str, value) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def variant_users_file(users_file: str) -> str:

@@ -119,7 +119,8 @@ def _trained(row: dict) -> str:
     if row["stopped_by"] == "none":
         return "0 / zero-shot" if row.get("trainable_parameters") == 0 else "0 / none"
     best = "" if row.get("best_epoch") is None else f" ({row['best_epoch'] + 1})"
-    return f"{row['epochs_trained']}{best} / {row['stopped_by']} (cap {row['epoch_cap']})"
+    resumed = "" if row.get("resumed_from_epoch") is None else f", resumed after {row['resumed_from_epoch'] + 1}"
+    return f"{row['epochs_trained']}{best} / {row['stopped_by']} (cap {row['epoch_cap']}{resumed})"
 
 
 def _interval(row: dict, key: str) -> str:
