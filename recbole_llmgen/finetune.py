@@ -24,7 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CHECKPOINT_FORMAT = 1
+from recbole_llmgen.digests import weights_digest
+
+CHECKPOINT_FORMAT = 2  # 2: the base model is known by its weights' digest (1: its path and 64 embedding rows)
+READABLE_FORMATS = (1, 2)
 
 
 def make_trainable(llm, train_mode: str, lora: dict, gradient_checkpointing: bool):
@@ -181,7 +184,10 @@ def label_cross_entropy(
 
 
 def fingerprint(llm, llm_path: str) -> dict:
-    """What identifies the base model: its path, class, sizes and a hash of some of its weights."""
+    """What identifies the base model: its class, sizes and the digest of its weight files
+    (:func:`recbole_llmgen.digests.weights_digest`: the same weights at a moved path agree, other
+    weights at the same path do not); the path is kept for messages only, and a hash of the first
+    64 embedding rows for checkpoints of format 1."""
     embedding = llm.get_input_embeddings().weight
     sample = embedding.detach()[: min(64, embedding.shape[0])].float().cpu().numpy().tobytes()
     return {
@@ -190,7 +196,13 @@ def fingerprint(llm, llm_path: str) -> dict:
         "vocab_size": int(embedding.shape[0]),
         "parameters": int(sum(p.numel() for name, p in llm.named_parameters() if "lora_" not in name)),
         "weights_sha1": hashlib.sha1(sample).hexdigest(),
+        "weights": weights_digest(llm_path),
     }
+
+
+def _identity(base: dict) -> tuple[str, ...]:
+    """The keys two base models must agree on: the weights' digest (format 2), else what format 1 kept."""
+    return ("architecture", "vocab_size", "parameters", "weights" if "weights" in base else "weights_sha1")
 
 
 def items_fingerprint(dataset_name: str, item_tokens: Sequence[str]) -> dict:
@@ -204,19 +216,19 @@ def items_fingerprint(dataset_name: str, item_tokens: Sequence[str]) -> dict:
 
 def check_checkpoint(saved: dict | None, current: dict) -> None:
     """Refuse a checkpoint made for another base model, dataset/item mapping or training setup."""
-    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(saved, dict) or saved.get("format") not in READABLE_FORMATS:
         raise ValueError(
             "model_file: not an LLMGen checkpoint of this version (no LLMGen metadata in its state_dict); "
             "retrain, or load it with the recbole-llmgen version that wrote it"
         )
     base, here = saved["base_model"], current["base_model"]
-    if base != here:
-        differ = [k for k in here if base.get(k) != here[k]]
+    differ = [k for k in _identity(base) if base.get(k) != here.get(k)]
+    if differ:
         raise ValueError(
             f"model_file: trained on base model {base['llm_path']!r} ({base['architecture']}, "
             f"{base['parameters']} parameters), but this model loads {here['llm_path']!r} "
             f"({here['architecture']}, {here['parameters']} parameters); they differ in {differ}. "
-            f"Set llm_path: {base['llm_path']} to use this checkpoint"
+            f"Set llm_path to the weights it was trained on (they were at {base['llm_path']}) to use this checkpoint"
         )
     items, here_items = saved["items"], current["items"]
     if items != here_items:

@@ -540,7 +540,7 @@ def test_a_row_is_rerun_when_what_it_read_changes(toy_config_dict, tmp_path, mon
 def test_the_weights_identity_follows_the_weights_not_the_path(tiny_llm_path, tmp_path):
     import shutil
 
-    from recbole_llmgen.benchmark.inputs import weights_digest
+    from recbole_llmgen.digests import weights_digest
 
     moved = shutil.copytree(tiny_llm_path, tmp_path / "moved")
     assert weights_digest(str(moved)) == weights_digest(tiny_llm_path)

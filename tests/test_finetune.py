@@ -200,7 +200,7 @@ def test_mismatched_checkpoints_are_refused(toy_config_dict, tmp_path, tokenizer
     other.save_pretrained(tmp_path / "other")
     tokenizer.save_pretrained(tmp_path / "other")
     _, other_model, *_ = build(_lora(toy_config_dict, llm_path=str(tmp_path / "other")))
-    with pytest.raises(ValueError, match="model_file: trained on base model .*weights_sha1"):
+    with pytest.raises(ValueError, match=r"model_file: trained on base model .*they differ in \['weights'\]"):
         other_model.load_state_dict(state)
 
     _, filtered, *_ = build(_lora(toy_config_dict, item_inter_num_interval="[3,inf)"))
@@ -279,3 +279,38 @@ def test_a_crash_mid_training_keeps_the_last_good_checkpoint(toy_config_dict, mo
         torch.testing.assert_close(checkpoint["state_dict"][f"llm_trainable.{key}"], value.detach())
     folder = os.path.dirname(trainer.saved_model_file)
     assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
+
+
+def test_a_checkpoint_knows_its_base_model_by_the_weights_not_the_path(toy_config_dict, tmp_path, tiny_llm_path):
+    """The same weights at a moved path load the checkpoint; weights that share the first 64
+    embedding rows (all format 1 compared) but differ deeper are refused; a format-1 checkpoint
+    (path + 64 rows) still loads into the model it was made for."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    _, model, trainer, _ = _fit(_lora(toy_config_dict))
+    state = torch.load(trainer.saved_model_file, weights_only=False)["state_dict"]
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_llm_path, moved)
+    _, at_moved, *_ = build(_lora(toy_config_dict, llm_path=str(moved)))
+    at_moved.load_state_dict(state)  # accepted: the same weights
+
+    tweaked = AutoModelForCausalLM.from_pretrained(tiny_llm_path)
+    with torch.no_grad():
+        tweaked.model.layers[0].mlp.down_proj.weight.mul_(1.01)  # embeddings untouched
+    tweaked.save_pretrained(tmp_path / "tweaked")
+    for name in os.listdir(tiny_llm_path):  # the tokenizer's files
+        if not os.path.exists(tmp_path / "tweaked" / name):
+            shutil.copy(os.path.join(tiny_llm_path, name), tmp_path / "tweaked")
+    _, at_tweaked, *_ = build(_lora(toy_config_dict, llm_path=str(tmp_path / "tweaked")))
+    assert at_tweaked.base_fingerprint["weights_sha1"] == model.base_fingerprint["weights_sha1"]
+    with pytest.raises(ValueError, match=r"they differ in \['weights'\]"):
+        at_tweaked.load_state_dict(state)
+
+    old = dict(state["_extra_state"], format=1)
+    old["base_model"] = {k: v for k, v in old["base_model"].items() if k != "weights"}
+    model.load_state_dict({**state, "_extra_state": old})  # format 1: compared as format 1 did, path aside
+    with pytest.raises(ValueError, match=r"they differ in \['weights_sha1'\]"):
+        other = dict(old, base_model=dict(old["base_model"], weights_sha1="0" * 40))
+        model.load_state_dict({**state, "_extra_state": other})

@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 
-from recbole_llmgen.benchmark.inputs import file_digest
 from recbole_llmgen.benchmark.plan import file_settings
+from recbole_llmgen.digests import file_digest
 
 
 def run_hash(spec: dict) -> str:

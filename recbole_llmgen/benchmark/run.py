@@ -183,8 +183,10 @@ def save_progress(spec: dict, trainer, scores: list[tuple[int, float]], train_se
         "scores": [s for s in scores if s[0] <= best],
         "train_seconds": round(train_seconds, 1),
         "train_loss": {str(k): float(v) for k, v in trainer.train_loss_dict.items() if k <= best},
-        **{k: [[[w, {m: float(v) for m, v in r.items()}] for w, r in h.items()] for h in getattr(trainer, k, [])]
-           for k in HISTORIES},  # fmt: skip
+        **{
+            k: [[[w, {m: float(v) for m, v in r.items()}] for w, r in h.items()] for h in getattr(trainer, k, [])]
+            for k in HISTORIES
+        },  # fmt: skip
         **{k: list(getattr(trainer, k, [])) for k in CHOICES},
     }
     for key in (*HISTORIES, *CHOICES):  # the entries up to the checkpoint's validation
