@@ -220,10 +220,12 @@ def allocator_keeps_memory():
     back to the system. A pass's intermediates are 2-6 MB each (a prompt pass of 16 users: ~1,800
     tokens x 1,536 features): above glibc's thresholds they are mapped afresh and every page faulted
     in at each allocation; an RMSNorm over [1800, 576] took 1.2 ms so, 0.5 ms with the memory kept, a
-    gated MLP's elementwise part 10 ms against 1.7 ms (2-core EPYC). Afterwards the thresholds are
-    the highest glibc's own adaptive ones reach (32 MB mapped, 64 MB kept free at the heap's top;
-    more goes back at the next release, as glibc does). Nested blocks: the outermost one counts.
-    Elsewhere than glibc: nothing changes."""
+    gated MLP's elementwise part 10 ms against 1.7 ms (2-core EPYC). When the outermost block ends
+    the memory kept goes back to the system (``malloc_trim``), and the thresholds are the highest
+    glibc's own adaptive ones reach (32 MB mapped, 64 MB kept free at the heap's top): glibc has no
+    call that turns its adaptive thresholds back on once ``mallopt`` set one, so these ceilings, which
+    a long-running torch process reaches anyway, are the nearest to before. Nested blocks: the
+    outermost one counts. Elsewhere than glibc: nothing changes."""
     global _keeping
     libc = _glibc()
     if libc is None or _keeping:  # elsewhere, or inside an outer block: as it is
@@ -237,3 +239,5 @@ def allocator_keeps_memory():
     finally:
         _keeping = False
         libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)  # what the block kept goes back now, not at some later free

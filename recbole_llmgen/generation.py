@@ -8,6 +8,7 @@ ranked while searching by their summed log-probability, as usual; finished items
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -469,6 +470,22 @@ class Generator:
         # next (an evaluation calls once per batch of users) until the weights change: fresh memory is
         # zeroed and page-faulted in, ~1 s for the bundled model's 300 MB on a 2-core EPYC
         self._pool: dict = {}
+        self._sessions = 0  # open session() blocks: the buffers are kept between calls only inside one
+
+    @contextlib.contextmanager
+    def session(self):
+        """Within this block the searches' buffers and the allocator's kept memory
+        (:func:`~recbole_llmgen.decoder.allocator_keeps_memory`) last from one call to the next (an
+        evaluation calls once per batch of users); when the outermost block ends both are let go.
+        Outside any block each call lets them go when it returns."""
+        with allocator_keeps_memory():
+            self._sessions += 1
+            try:
+                yield
+            finally:
+                self._sessions -= 1
+                if not self._sessions:
+                    self._pool.clear()
 
     def cached(self):
         """Within this block each (history, request, seen items)'s generation runs once (the
@@ -534,15 +551,19 @@ class Generator:
         found: list = [None] * len(prompts)
         per, pool = s.generation_users_per_batch, self._pool  # the batches reuse one set of buffers
         with allocator_keeps_memory():  # ... and the allocator its memory
-            for start in range(0, len(order), per):
-                batch = order[start : start + per]
-                results = batched_constrained_beam_search(
-                    self.llm, [prompts[i] for i in batch], self.trie(), s.num_beams,
-                    self.prompts.tokenizer.pad_token_id, seen=[seen[i] for i in batch], shared=shared,
-                    counts=self.counts, length_penalty=0.0, pool=pool,
-                )  # fmt: skip
-                for i, pairs in zip(batch, results):
-                    found[i] = pairs
+            try:
+                for start in range(0, len(order), per):
+                    batch = order[start : start + per]
+                    results = batched_constrained_beam_search(
+                        self.llm, [prompts[i] for i in batch], self.trie(), s.num_beams,
+                        self.prompts.tokenizer.pad_token_id, seen=[seen[i] for i in batch], shared=shared,
+                        counts=self.counts, length_penalty=0.0, pool=pool,
+                    )  # fmt: skip
+                    for i, pairs in zip(batch, results):
+                        found[i] = pairs
+            finally:
+                if not self._sessions:  # nobody keeps them: let go before the allocator gives memory back
+                    pool.clear()
         return found
 
     @torch.no_grad()

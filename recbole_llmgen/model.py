@@ -157,7 +157,7 @@ class LLMGen(SequentialRecommender):
     def cached(self):
         """Within this block the LLM scores (and generates for) each user once: the fusion grid and
         a fused row's LLM-only twin evaluate the same users again. Nothing is kept after it."""
-        with self.scorer.cached(), self.generator.cached():
+        with self.scorer.cached(), self.generator.cached(), self.generator.session():
             yield
 
     @contextlib.contextmanager

@@ -236,7 +236,7 @@ class LLMGenTrainer(Trainer):
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if self.zero_shot and model_file is None:
             load_best_model = False  # nothing was trained: the model in memory is the model
-        with self._progress_of(eval_data):
+        with self._progress_of(eval_data), self.model.generator.session():  # buffers kept across its batches
             return super().evaluate(eval_data, load_best_model, model_file, show_progress)
 
     @contextlib.contextmanager

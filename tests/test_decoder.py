@@ -1,6 +1,8 @@
 """The packed forward of the beam search: the model's own numbers from the real tokens only, for
 each architecture it claims; anything else falls back to the model's forward with the same results."""
 
+import os
+
 import pytest
 import torch
 
@@ -136,6 +138,10 @@ def test_the_allocator_keeps_memory_in_the_outermost_block_only_and_is_restored(
             calls.append(("mallopt", param, value))
             return 1
 
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+            return 1
+
     monkeypatch.setattr(decoder, "_glibc", lambda: FakeLibc())
     with decoder.allocator_keeps_memory():
         with decoder.allocator_keeps_memory():  # a search inside the Generator's block
@@ -143,8 +149,31 @@ def test_the_allocator_keeps_memory_in_the_outermost_block_only_and_is_restored(
         assert len(calls) == 2  # the inner block changed nothing
     assert calls[0] == ("mallopt", decoder._M_MMAP_THRESHOLD, 32 << 20)
     assert calls[1][:2] == ("mallopt", decoder._M_TRIM_THRESHOLD) and 0 < calls[1][2] < 2**31  # a C int
-    assert calls[2:] == [("mallopt", decoder._M_TRIM_THRESHOLD, 64 << 20)]
+    assert calls[2:] == [("mallopt", decoder._M_TRIM_THRESHOLD, 64 << 20), ("malloc_trim", 0)]  # kept memory back
     with pytest.raises(RuntimeError):  # restored on an error too
         with decoder.allocator_keeps_memory():
             raise RuntimeError
-    assert calls[-1] == ("mallopt", decoder._M_TRIM_THRESHOLD, 64 << 20) and not decoder._keeping
+    assert calls[-2:] == [("mallopt", decoder._M_TRIM_THRESHOLD, 64 << 20), ("malloc_trim", 0)]
+    assert not decoder._keeping
+
+
+def test_memory_kept_in_the_block_goes_back_to_the_system_when_it_ends():
+    """On glibc: 4 MB blocks (below the 32 MB mapping threshold: heap memory) freed inside the block
+    stay with the process; when the block ends they go back (resident memory drops)."""
+    import numpy as np
+
+    from recbole_llmgen import decoder
+
+    if decoder._glibc() is None or not os.path.exists("/proc/self/statm"):
+        pytest.skip("glibc's allocator only (elsewhere the block changes nothing)")
+
+    def resident_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    with decoder.allocator_keeps_memory():
+        blocks = [np.ones(1 << 19) for _ in range(64)]  # 64 x 4 MB, every page touched
+        del blocks
+        kept = resident_mb()
+    after = resident_mb()
+    assert kept - after > 128, (kept, after)  # most of the 256 MB went back

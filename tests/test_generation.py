@@ -299,13 +299,26 @@ def test_the_fusion_grid_generates_for_each_valid_user_once(toy_config_dict):
     assert model.generator.searched_users == users and model.fusion_weight is not None
 
 
-def test_users_are_batched_by_prompt_length_and_the_buffers_kept_until_the_weights_change(toy_config_dict):
+def test_users_are_batched_by_prompt_length_and_the_buffers_kept_within_a_session(toy_config_dict):
     model, _, view = _generating(toy_config_dict, num_beams=4, generation_users_per_batch=2)
     # prompts of several lengths, not in order: the batches reorder them
     histories = [history[-keep:] for history, keep in zip(view.histories, (6, 2, 9, 1, 4))]
     seen = view.seen[:5]
     generator = model.generator
+    alone = generator.items(histories, seen=seen)
+    assert generator._pool == {}  # no session open: a call lets its buffers go when it returns
+    with generator.session():  # an evaluation's batches: kept from one call to the next
+        _session_calls(generator, histories, seen, alone)
+    assert generator._pool == {}  # the session ended: let go
+    with generator.session():
+        generator.items(histories, seen=seen)
+        model.train()  # the weights will change: the buffers go
+        assert generator._pool == {}
+
+
+def _session_calls(generator, histories, seen, alone):
     together = generator.items(histories, seen=seen)
+    assert together == alone
     buffers = {key: held.data_ptr() for key, held in generator._pool.items()}
     assert buffers  # the packed search's cache, queries and logits
     assert generator.items(histories, seen=seen) == together
@@ -314,5 +327,3 @@ def test_users_are_batched_by_prompt_length_and_the_buffers_kept_until_the_weigh
         alone = generator.items([history], seen=[blocked])[0]
         assert [i for i, _ in pairs] == [i for i, _ in alone]
         assert dict(pairs) == pytest.approx(dict(alone), abs=1e-4)
-    model.train()  # the weights will change: the buffers go
-    assert generator._pool == {}
