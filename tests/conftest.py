@@ -208,3 +208,23 @@ def hand_metrics(model, data) -> dict:
             targets.append(item)
             masked.append(hidden[row])
     return ranking_metrics(scores, targets, masked)
+
+
+def sampled_metrics(model, data) -> dict:
+    """:func:`ranking_metrics` of a sampled loader (uni19, uni100): ``model.predict`` of each row
+    (a user's target and its sampled items); every other item ranks below them all."""
+    import math
+
+    import torch
+
+    model.eval()
+    scores, targets = [], []
+    for interaction, row_idx, positive_u, positive_i in data:
+        with torch.no_grad():
+            predicted = model.predict(interaction).view(-1)
+        batch = torch.full((int(positive_u[-1]) + 1, data._dataset.item_num), -math.inf)
+        batch[row_idx, interaction[data._dataset.iid_field]] = predicted.float()
+        for row, item in zip(positive_u.tolist(), positive_i.tolist()):
+            scores.append(batch[row])
+            targets.append(item)
+    return ranking_metrics(scores, targets, [[] for _ in targets])

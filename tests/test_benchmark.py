@@ -27,7 +27,10 @@ def test_benchmark_writes_table_plot_and_reuses_rows(toy_config_dict, tmp_path):
     with open(os.path.join(out, "benchmark.csv"), encoding="utf-8") as f:
         table = list(csv.DictReader(f))
     assert [r["model"] for r in table] == ["Pop", "BPR", "SASRec", "TextRetriever", "LLMGen"]
-    assert all(float(r["test_ndcg@10"]) >= 0 for r in table[:3])
+    for r in table[:3]:  # each row's metric is the mean of its per-user file (one line per test user)
+        with open(os.path.join(out, "runs", f"{r['model']}.users.csv"), encoding="utf-8") as f:
+            users = list(csv.DictReader(f))
+        assert len(users) == 8 and float(r["test_ndcg@10"]) == round(sum(float(u["ndcg@10"]) for u in users) / 8, 4)
     markdown = open(os.path.join(out, "benchmark.md"), encoding="utf-8").read()
     assert markdown.count("\n| ") == 6 and "failed: " in markdown
 

@@ -107,7 +107,9 @@ def test_cli_takes_nproc(odd_config, tmp_path, capsys):
     args = ["run", "--model", "LLMGen", "--dataset", "toy", "--nproc", "2", "--port", free_port(), "--no-save"]
     args += [f"--{k}={json.dumps(v)}" for k, v in odd_config.items()]
     assert main([*args, "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["test_result"]["hit@10"] >= 0
+    one = tmp_path / "one.json"  # the same run in one process: the same metrics
+    assert main([*[a for a in args if a not in ("--nproc", "2")], "--json", str(one)]) == 0
+    assert json.loads(out.read_text())["test_result"] == json.loads(one.read_text())["test_result"]
 
 
 # --------------------------------------------------------------------------- one rank, inspected
