@@ -242,7 +242,8 @@ def check_checkpoint(saved: dict | None, current: dict) -> None:
             )
         )
     saved = {"objective": "next_item" if saved["train_mode"] != "none" else None, **saved}  # before objectives
-    for key in ("train_mode", "lora", "objective"):
+    saved = {"item_id_format": "title", **saved}  # before item tokens
+    for key in ("item_id_format", "train_mode", "lora", "objective"):
         if saved[key] != current.get(key):
             raise ValueError(
                 f"model_file: saved with {key}={saved[key]!r}, but this model has {key}={current.get(key)!r}"

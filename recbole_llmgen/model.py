@@ -23,6 +23,7 @@ from recbole.utils import InputType
 from recbole_llmgen import candidates as cand
 from recbole_llmgen import finetune, prompts, sequence
 from recbole_llmgen.generation import Generator
+from recbole_llmgen.item_tokens import ItemTokens
 from recbole_llmgen.llm import autocast_dtype, load_llm
 from recbole_llmgen.prompts import Prompter
 from recbole_llmgen.retriever import Retriever
@@ -68,6 +69,9 @@ class LLMGen(SequentialRecommender):
             llm, self.prompts, s, self.retriever, self.scorer.shared_prefix, self.scorer.active_length_penalty
         )
 
+        # item_id_format: token: the catalogue's own input and output rows (trained and saved with the adapters)
+        self.item_tokens = ItemTokens(llm, self.prompts.item_token_ids).to(self.device) if self.tokens else None
+
         # saved with the checkpoint besides the trainable weights (RecBole's other_parameter)
         self.other_parameter_name = ["candidate_model_file", "fusion_weight"]
         if s.length_penalty == "auto":  # the value chosen on the valid split
@@ -75,6 +79,11 @@ class LLMGen(SequentialRecommender):
         self.fusion_weight = s.fusion_weight  # score_fusion: auto sets it on the valid split
         if self.candidate_model_file:
             self.retriever.candidate_model()  # a mismatched file fails now, before any evaluation
+
+    @property
+    def tokens(self) -> bool:
+        """``item_id_format: token``: items are tokens of their own (:mod:`recbole_llmgen.item_tokens`)."""
+        return self.settings.item_id_format == "token"
 
     @property
     def candidate_model_file(self) -> str | None:
@@ -105,6 +114,7 @@ class LLMGen(SequentialRecommender):
             "train_mode": s.train_mode,
             "lora": s.lora,
             "objective": s.train_objective if s.train_mode != "none" else None,
+            "item_id_format": s.item_id_format,
         }
 
     def get_extra_state(self) -> dict:
@@ -194,10 +204,16 @@ class LLMGen(SequentialRecommender):
         pad = self.tokenizer.pad_token_id
         if sequence.WINDOW_FIELD in interaction.interaction:
             window, lengths = interaction[sequence.WINDOW_FIELD].cpu(), interaction[sequence.WINDOW_LEN_FIELD].cpu()
-            rows, spans = self.prompts.window_rows([row[:n].tolist() for row, n in zip(window, lengths.tolist())])
+            windows = [row[:n].tolist() for row, n in zip(window, lengths.tolist())]
+            if self.tokens:
+                return self.item_tokens.sequence_loss(self.llm, self.prompts.list_head, windows).mean()
+            rows, spans = self.prompts.window_rows(windows)
             return finetune.sequence_item_nll(self.llm, rows, spans, pad).mean()
         view = self.retriever.view(interaction)
         targets = interaction[self.ITEM_ID].cpu().tolist()
+        if self.tokens:
+            histories = [h[-self.settings.max_history_items :] for h in view.histories]
+            return self.item_tokens.next_item_loss(self.llm, self.prompts.list_head, histories, targets).mean()
         if self.settings.score_method == "verbalizer":
             shown, positions = self.training_lists(interaction, targets)
             rows = [self.prompts.build(h, s) for h, s in zip(view.histories, shown)]
@@ -226,6 +242,9 @@ class LLMGen(SequentialRecommender):
         """Scores of (user, item) rows (sampled protocols); a user's rows share one prompt. [N]"""
         view = self.retriever.view(interaction)
         items = interaction[self.ITEM_ID].cpu()
+        if self.tokens:  # each row's item in the catalogue's log-softmax after its history
+            scores = self._token_scores(view)
+            return scores[torch.arange(len(items)), items].to(self.device)
         groups: dict[tuple, list[int]] = {}
         for row, (user, history) in enumerate(zip(view.users, view.histories)):
             groups.setdefault((user, tuple(history)), []).append(row)
@@ -248,6 +267,8 @@ class LLMGen(SequentialRecommender):
     def full_sort_predict(self, interaction) -> torch.Tensor:
         """LLM-scored (or generated) items above every other item, the rest in retriever order. [B, n_items]"""
         view = self.retriever.view(interaction)
+        if self.tokens:  # one forward pass ranks the whole catalogue; seen items never ranked
+            return cand.mask_seen(self._token_scores(view), view.seen).to(self.device)
         retrieval = self.retriever.scores(interaction, view=view)  # [B, n_items]
         if self.settings.score_method == "generate":
             return self._generated_full_sort(view, retrieval)
@@ -271,6 +292,12 @@ class LLMGen(SequentialRecommender):
             side = self.retriever.candidate_side(retrieval.gather(1, candidate_ids))
             llm_scores = cand.fuse(llm_scores, side, weight)
         return cand.merge_scores(retrieval, candidate_ids, llm_scores).to(self.device)
+
+    def _token_scores(self, view) -> torch.Tensor:
+        """item_id_format: token: the catalogue's log-softmax after each history (its last
+        ``max_history_items``). [B, n_items], on the CPU"""
+        histories = [[i for i in h if i][-self.settings.max_history_items :] for h in view.histories]
+        return self.item_tokens.scores(self.llm, self.prompts.list_head, histories).cpu()
 
     def _generated_full_sort(self, view, retrieval: torch.Tensor) -> torch.Tensor:
         """Items the beams reached, by score (fused with the candidate model's score of each when

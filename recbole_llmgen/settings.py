@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from recbole_llmgen import seen_items, text
+from recbole_llmgen import item_tokens, seen_items, text
 from recbole_llmgen.registry import known_model_names
 from recbole_llmgen.scoring import DEFAULT_BATCH_TOKENS
 
@@ -139,6 +139,7 @@ class LLMGenSettings:
     gradient_checkpointing: bool
     seed: int
     seen_items: str  # mask | keep: may an evaluated ranking hold items the user saw before (seen_items)
+    item_id_format: str = "title"  # title | token: how an item is written (recbole_llmgen.item_tokens)
 
     @classmethod
     def from_config(cls, config, n_items: int) -> LLMGenSettings:
@@ -200,6 +201,17 @@ class LLMGenSettings:
                 "score_fusion: free generation (generation_constraint: none) scores every item by its similarity to "
                 "a generation, with no beam score to fuse; use generation_constraint: trie or score_fusion: none"
             )
+        item_id_format = choice(config, "item_id_format", item_tokens.FORMATS)
+        if item_id_format == "token" and prompt_format != "list":
+            raise ValueError(
+                "item_id_format: token writes the history as one item token per position after the list header: "
+                "set prompt_format: list"
+            )
+        if item_id_format == "token" and score_fusion != "none":
+            raise ValueError(
+                "item_id_format: token with score_fusion is not built yet (the item head ranks the whole catalogue "
+                "alone); set score_fusion: none"
+            )
         return cls(
             llm_path=config["llm_path"],
             llm_dtype=config["llm_dtype"],
@@ -241,6 +253,7 @@ class LLMGenSettings:
             gradient_checkpointing=bool(config["gradient_checkpointing"]),
             seed=int(config["seed"] or 0),
             seen_items=seen_items.check(config["seen_items"]),
+            item_id_format=item_id_format,
         )
 
 
