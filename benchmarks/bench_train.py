@@ -53,6 +53,13 @@ def main() -> None:
         "--levers", action="store_true", help="each training lever alone (fused loss, attention, compile)"
     )
     parser.add_argument("--eval-users", type=int, default=48, help="test users per evaluation timing (0: none)")
+    parser.add_argument(
+        "--item_id_format",
+        default="title",
+        choices=["title", "token"],
+        help="token: the sequence objective with one token per item against titles on the same windows "
+        "(predictions_per_s, epoch_estimate_s, tokens_per_prediction, speedup_vs_title)",
+    )
     args, rest = parser.parse_known_args()
     sys.argv = sys.argv[:1]
 
@@ -60,6 +67,9 @@ def main() -> None:
 
     overrides = parse_overrides(rest)
     out = tempfile.mkdtemp(prefix="bench_train-")
+    if args.item_id_format != "title":
+        print(json.dumps(formats(args, overrides, out)))
+        return
     result = {"examples": args.examples, "windows": args.windows, "max_history_items": args.history}
     result.update(objectives(args, overrides, out))
     print(
@@ -219,6 +229,51 @@ def objectives(args, overrides: dict, out: str) -> dict:
     result.update(evaluation_speed(args, model, config, overrides))
     if args.levers:  # last: it leaves the layers compiled
         result.update(levers(model, trainer, timed, warm, predictions_per_s))
+    return result
+
+
+def formats(args, overrides: dict, out: str) -> dict:
+    """The sequence objective's training speed with titles and with ``args.item_id_format`` on the
+    same seeded windows of ml-100k's epoch, in one run (best of 3 timed passes after a warm-up step
+    each): predictions per second, an epoch's estimate, tokens per prediction, and the ratio."""
+    from recbole_llmgen import sequence
+
+    result = {"windows": args.windows, "max_history_items": args.history}
+    sample = None
+    for fmt in ("title", args.item_id_format):
+        config, train_data, model, trainer = lora_run(
+            out, overrides, prompt_format="list", llm_train_objective="sequence", max_history_items=args.history,
+            item_text_template="{movie_title}", lora_r=16, lora_alpha=32, train_batch_size=8,
+            llm_train_batch_size=8, item_id_format=fmt,
+        )  # fmt: skip
+        windows = sequence.window_loader(train_data, model, config["train_batch_size"], int(config["seed"]))
+        if sample is None:
+            rng = np.random.default_rng(0)
+            sample = [windows.items[i] for i in rng.choice(len(windows.items), size=2 * args.windows, replace=False)]
+        lengths = [model.prompts.list_length(w) for w in sample]
+        warm = sequence.WindowLoader(train_data._dataset, sample[args.windows :][:8], lengths[args.windows :][:8], 8, 0)
+        timed = sequence.WindowLoader(train_data._dataset, sample[: args.windows], lengths[: args.windows], 8, 0)
+        trainer._train_epoch(warm, 0)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            trainer._train_epoch(timed, 1)
+            best = min(best, time.perf_counter() - start)
+        if fmt == "token":  # the header, then one position per item but the last
+            tokens = sum(len(model.prompts.list_head) + len(w) - 1 for w in timed.items)
+        else:
+            tokens = sum(len(r) for r in model.prompts.window_rows(timed.items)[0])
+        rate = timed.predictions / best
+        result[f"{fmt}_predictions_per_s"] = round(rate, 2)
+        result[f"{fmt}_tokens_per_prediction"] = round(tokens / timed.predictions, 2)
+        result[f"{fmt}_epoch_estimate_s"] = round(windows.predictions / rate)
+        print(f"{fmt}: {rate:.1f} predictions/s, {tokens / timed.predictions:.1f} tokens per prediction", flush=True)
+    fmt = args.item_id_format
+    result["item_id_format"] = fmt
+    result["predictions_per_s"] = result[f"{fmt}_predictions_per_s"]
+    result["epoch_estimate_s"] = result[f"{fmt}_epoch_estimate_s"]
+    result["tokens_per_prediction"] = result[f"{fmt}_tokens_per_prediction"]
+    result["speedup_vs_title"] = round(result[f"{fmt}_predictions_per_s"] / result["title_predictions_per_s"], 2)
     return result
 
 

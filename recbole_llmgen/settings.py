@@ -188,11 +188,12 @@ class LLMGenSettings:
             )
         stride = optional_positive_int(config, "llm_train_window_stride", "max_history_items")
         candidate_source = config["candidate_source"]
-        if candidate_source == "none" and score_method != "generate":
+        item_id_format = choice(config, "item_id_format", item_tokens.FORMATS)
+        if candidate_source == "none" and score_method != "generate" and item_id_format != "token":
             raise ValueError(
                 f"candidate_source: none (no candidate model) needs score_method: generate, which writes items from "
-                f"the whole catalogue; score_method: {score_method} scores a candidate list: choose pop, text, a "
-                "RecBole model file or model name"
+                f"the whole catalogue, or item_id_format: token, which ranks it; score_method: {score_method} scores "
+                "a candidate list: choose pop, text, a RecBole model file or model name"
             )
         score_fusion, fusion_weight = fusion_setting(config["score_fusion"], candidate_source)
         constraint = choice(config, "generation_constraint", GENERATION_CONSTRAINTS)
@@ -201,7 +202,6 @@ class LLMGenSettings:
                 "score_fusion: free generation (generation_constraint: none) scores every item by its similarity to "
                 "a generation, with no beam score to fuse; use generation_constraint: trie or score_fusion: none"
             )
-        item_id_format = choice(config, "item_id_format", item_tokens.FORMATS)
         if item_id_format == "token" and prompt_format != "list":
             raise ValueError(
                 "item_id_format: token writes the history as one item token per position after the list header: "

@@ -48,8 +48,9 @@ def test_item_rows_start_from_the_items_text(toy_config_dict):
 
 def test_one_pass_ranks_every_unseen_item_exactly_as_by_hand(toy_config_dict):
     """full_sort_predict: a finite score for every item the user has not seen (a full ranking, no
-    candidates, no beams), equal to the computation by hand; its metrics are those scores'."""
-    config, model, _, _, test_data = build(_tokens(toy_config_dict, train_mode="none"))
+    candidates, no beams: candidate_source none), equal to the computation by hand; its metrics are
+    those scores'."""
+    config, model, _, _, test_data = build(_tokens(toy_config_dict, train_mode="none", candidate_source="none"))
     model.eval()
     interaction, _, _, _ = next(iter(test_data))
     with torch.no_grad():
