@@ -128,3 +128,11 @@ def test_next_item_objective_is_the_targets_cross_entropy(toy_config_dict):
             for h, t in zip(view.histories, batch[model.ITEM_ID])
         ]
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-4)
+
+
+def test_a_token_row_says_what_it_did():
+    from recbole_llmgen.benchmark.table import row_label
+
+    row = {"model": "LLMGen", "item_id_format": "token", "candidate_source": "none", "score_method": "likelihood",
+           "num_candidates": 10, "trainable_parameters": 5}  # fmt: skip
+    assert row_label(row) == "LLMGen (fine-tuned; one token per item, ranks the whole catalogue)"

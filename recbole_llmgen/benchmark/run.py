@@ -126,6 +126,7 @@ def run_one(spec: dict) -> dict:
         "variants": variants,
         "candidate_source": config["candidate_source"] if spec["model"] == "LLMGen" else "",
         "score_method": config["score_method"] if spec["model"] == "LLMGen" else "",
+        "item_id_format": config["item_id_format"] if spec["model"] == "LLMGen" else "",
         "num_candidates": config["num_candidates"] if spec["model"] == "LLMGen" else None,
         "valid_metric": config["valid_metric"],
         "seen_items": config["seen_items"],

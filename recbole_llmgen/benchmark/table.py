@@ -18,6 +18,8 @@ def how_llmgen_ranks(row: dict) -> str:
     """What an LLMGen row did, truthfully: generated from the catalogue or reranked a candidate list."""
     source = str(row["candidate_source"])
     name = {"pop": "Pop", "text": "the text retriever"}.get(source, os.path.basename(source).split("-")[0])
+    if row.get("item_id_format") == "token":
+        return "one token per item, ranks the whole catalogue"
     if row.get("score_method") == "generate":
         if source == "none":
             return "generates from the catalogue, no candidate model"
