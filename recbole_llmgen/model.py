@@ -71,6 +71,8 @@ class LLMGen(SequentialRecommender):
 
         # item_id_format: token: the catalogue's own input and output rows (trained and saved with the adapters)
         self.item_tokens = ItemTokens(llm, self.prompts.item_token_ids).to(self.device) if self.tokens else None
+        if self.item_tokens is not None and s.train_mode == "none":
+            self.item_tokens.requires_grad_(False)  # zero-shot: the rows its titles give, nothing trains them
 
         # saved with the checkpoint besides the trainable weights (RecBole's other_parameter)
         self.other_parameter_name = ["candidate_model_file", "fusion_weight"]

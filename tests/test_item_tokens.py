@@ -44,6 +44,7 @@ def test_item_rows_start_from_the_items_text(toy_config_dict):
         assert torch.allclose(model.item_tokens.input_rows[item], embedding[tokens].float().mean(0))
         assert torch.allclose(model.item_tokens.output_rows[item], head[tokens].float().mean(0))
     assert not model.item_tokens.input_rows[0].any()  # padding
+    assert not any(p.requires_grad for p in model.parameters())  # zero-shot: nothing to train, nothing counted
 
 
 def test_one_pass_ranks_every_unseen_item_exactly_as_by_hand(toy_config_dict):
