@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
+
+from recbole_llmgen import seen_items
 
 LIKE_RATING, DISLIKE_RATING = 5.0, 1.0
 SESSION_COLUMN = "feedback_session:token"  # the column that marks a feedback file recbole-llmgen wrote
@@ -40,6 +41,14 @@ def check_feedback_file(path: str, header: str) -> bool:
     return False
 
 
+def _check_header(path: str, header: list[str], what: str) -> None:
+    """A named error when ``header`` (the columns of ``path``) is not a feedback file's."""
+    if SESSION_COLUMN not in header:
+        raise ValueError(
+            f"{what}: {path!r} is not a feedback file written by recbole-llmgen (no {SESSION_COLUMN} column)"
+        )
+
+
 def _events(paths, item_ids, what: str):
     """``(user, time, inner item id, rating)`` of every row of the feedback files ``paths``; a
     missing file, a file that is not a feedback file, or an item the dataset does not hold is a
@@ -48,11 +57,7 @@ def _events(paths, item_ids, what: str):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what}: {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
-            header = f.readline().rstrip("\n").split("\t")
-            if SESSION_COLUMN not in header:
-                raise ValueError(
-                    f"{what}: {path!r} is not a feedback file written by recbole-llmgen (no {SESSION_COLUMN} column)"
-                )
+            _check_header(path, f.readline().rstrip("\n").split("\t"), what)
             for number, line in enumerate(f, 2):
                 who, item, rating, stamp, *_ = line.rstrip("\n").split("\t")
                 if item not in item_ids:
@@ -74,12 +79,21 @@ def _verdicts(events) -> tuple[list[int], set[int]]:
     return list(liked), disliked
 
 
+def verdicts_by_user(paths, item_ids) -> dict[str, tuple[list[int], set[int]]]:
+    """``{user token: (liked, disliked)}`` inner item ids in the feedback files ``paths`` (files
+    :meth:`Session.save_feedback` wrote; a new user's rows under ``new-user``), read once; liked in
+    time order, an item's last verdict counts (a like then a dislike: disliked). A file that is not
+    a feedback file, or an item the dataset does not hold, is a named error."""
+    per_user: dict[str, list[tuple[float, int, float]]] = {}
+    for who, stamp, item, rating in _events(paths, item_ids, "feedback"):
+        per_user.setdefault(who, []).append((stamp, item, rating))
+    return {who: _verdicts(events) for who, events in per_user.items()}
+
+
 def read_feedback(paths, user: str, item_ids) -> tuple[list[int], set[int]]:
-    """``(liked, disliked)`` inner item ids of ``user`` (a dataset user's token, or ``new-user``) in
-    the feedback files ``paths`` (files :meth:`Session.save_feedback` wrote), in time order; an item's
-    last verdict counts (a like then a dislike: disliked). A file that is not a feedback file, or an
-    item the dataset does not hold, is a named error."""
-    return _verdicts([(t, i, r) for who, t, i, r in _events(paths, item_ids, "feedback") if who == user])
+    """``(liked, disliked)`` of ``user`` (a dataset user's token, or ``new-user``):
+    :func:`verdicts_by_user` of that user."""
+    return verdicts_by_user(paths, item_ids).get(user, ([], set()))
 
 
 # --- feedback that teaches: `feedback` config key (run/benchmark --feedback FILE...)
@@ -102,11 +116,7 @@ def check_config(value) -> list[str] | None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"feedback: {path!r} does not exist (the files chat --save-feedback wrote)")
         with open(path, encoding="utf-8", errors="replace") as f:
-            first = f.readline().rstrip("\n").split("\t")
-        if SESSION_COLUMN not in first:
-            raise ValueError(
-                f"feedback: {path!r} is not a feedback file written by recbole-llmgen (no {SESSION_COLUMN} column)"
-            )
+            _check_header(path, f.readline().rstrip("\n").split("\t"), "feedback")
     return [str(p) for p in paths]
 
 
@@ -125,15 +135,10 @@ def training_likes(paths, dataset, known: dict[int, set[int]]) -> tuple[dict[int
     dataset does not hold has no place in its split (left out); an item the user already
     interacted with (``known``: in any split) is not added twice; dislikes are never trained on
     (RecBole's objectives here take positives only; their negatives are sampled)."""
-    uid, iid = dataset.uid_field, dataset.iid_field
-    users = dataset.field2token_id[uid]
-    per_user: dict[str, list[tuple[float, int, float]]] = {}
-    for who, stamp, item, rating in _events(paths, dataset.field2token_id[iid], "feedback"):
-        per_user.setdefault(who, []).append((stamp, item, rating))
+    users = dataset.field2token_id[dataset.uid_field]
     counts = {"feedback_rows": 0, "feedback_dislikes": 0, "feedback_new_users": 0, "feedback_known": 0}
     likes: dict[int, list[int]] = {}
-    for who, events in per_user.items():
-        liked, disliked = _verdicts(events)
+    for who, (liked, disliked) in verdicts_by_user(paths, dataset.field2token_id[dataset.iid_field]).items():
         counts["feedback_dislikes"] += len(disliked)
         if who not in users:
             counts["feedback_new_users"] += len(liked)
@@ -145,23 +150,6 @@ def training_likes(paths, dataset, known: dict[int, set[int]]) -> tuple[dict[int
         if fresh:
             likes[user] = fresh
     return likes, counts
-
-
-def _items_by_user(datasets) -> dict[int, set[int]]:
-    """Every item of each user in ``datasets`` (targets, and the histories of sequential rows)."""
-    found: dict[int, set[int]] = {}
-    for part in datasets:
-        inter = part.inter_feat
-        users = inter[part.uid_field].numpy()
-        columns = [inter[part.iid_field].numpy()[:, None]]
-        seq_field = part.iid_field + part.config["LIST_SUFFIX"]
-        if seq_field in inter.interaction:
-            columns.append(inter[seq_field].numpy())
-        for user, items in zip(users.tolist(), np.concatenate(columns, axis=1).tolist()):
-            found.setdefault(user, set()).update(items)
-    for items in found.values():
-        items.discard(0)  # padding
-    return found
 
 
 def with_likes(train, likes: dict[int, list[int]]):
@@ -224,7 +212,11 @@ def build_hook(original_build):
             paths = [p for p in paths if p not in gone]
             if not paths:
                 return built
-        likes, counts = training_likes(paths, self, _items_by_user(built))
+        known: dict[int, set[int]] = {}  # every item of each user, in any split
+        for part in built:
+            for user, items in seen_items.user_items(part).items():
+                known.setdefault(user, set()).update(items)
+        likes, counts = training_likes(paths, self, known)
         added = with_likes(built[0], likes)
         used = len(added.inter_feat) - len(built[0].inter_feat)
         counts["feedback_known"] += counts["feedback_rows"] - used  # users with no training row to continue

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from recbole_llmgen import candidates as cand
 from recbole_llmgen import text
-from recbole_llmgen.feedback import read_feedback, with_trained
+from recbole_llmgen.feedback import verdicts_by_user, with_trained
 from recbole_llmgen.integration import load_model, user_histories
 from recbole_llmgen.requests import score_requests
 
@@ -50,7 +51,7 @@ def recommend(
     ``request``: what the user asks for now, in their own words ("a funny movie about space"): it
     goes into the prompt and widens the candidates (:func:`recbole_llmgen.requests.rank_for_request`).
     ``users=None`` with a request: a new user without history (rows named ``new-user``).
-    ``feedback``: feedback files of earlier chats (:func:`recbole_llmgen.feedback.read_feedback`):
+    ``feedback``: feedback files of earlier chats (:func:`recbole_llmgen.feedback.verdicts_by_user`):
     each user's liked items join their history, disliked items are never recommended; a new user's
     (``new-user`` rows) build their history from nothing. A model trained with ``feedback`` files
     (``run --feedback``) adds those that still exist.
@@ -78,8 +79,9 @@ def recommend(
     disliked: dict = {}
     feedback = with_trained(feedback, config)  # and the feedback the model was trained on (run --feedback)
     if feedback:
+        verdicts = verdicts_by_user(feedback, full.field2token_id[iid])  # the files read once, for every user
         for user, u in [*zip(map(str, users), inner), *([] if users else [(NEW_USER, None)])]:
-            liked, disliked[u] = read_feedback(feedback, user, full.field2token_id[iid])
+            liked, disliked[u] = verdicts.get(user, ([], set()))
             history = histories.setdefault(u, [])
             history.extend(i for i in liked if i not in history)
     if request is not None:
@@ -105,10 +107,8 @@ def recommend(
     rec.eval()
     with torch.no_grad():
         scores = rec.full_sort_predict(Interaction(fields).to(config["device"])).cpu().view(len(inner), -1)
-    scores[:, 0] = -math.inf
-    for row, u in enumerate(inner):
-        scores[row, sorted(set(histories[u]))] = -math.inf  # what the user has seen (or liked) is never proposed
-        scores[row, sorted(disliked.get(u, ()))] = -math.inf  # what the user disliked before: never again
+    # never proposed: padding, what the user has seen (or liked), what the user disliked before
+    scores = cand.mask_seen(scores, [[*histories[u], *disliked.get(u, ())] for u in inner])
     rows = []
     texts = rec.item_texts if hasattr(rec, "item_texts") else file_item_texts(config, full)
     for row, (user, u) in enumerate(zip(users, inner)):

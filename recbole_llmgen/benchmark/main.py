@@ -24,7 +24,7 @@ from recbole_llmgen.benchmark.plan import (
     sample_users,
 )
 from recbole_llmgen.benchmark.plot import plot, plot_curves
-from recbole_llmgen.benchmark.run import progress_file, read_json, run_in_subprocess
+from recbole_llmgen.benchmark.run import progress_file, resumable, run_in_subprocess
 from recbole_llmgen.benchmark.table import add_intervals, markdown_table, paired_comparisons, paired_markdown, row_label
 from recbole_llmgen.regime import REGIME_KEYS, Regime
 
@@ -120,8 +120,8 @@ def reuse_or_run(spec: dict, out: str, runner, log: Callable[[str], None], count
         log(f"{counter} {model}: finished before with the same config, reused")
         return previous
     spec["hash"] = digest  # the run's progress file names it: only this very run resumes from it
-    state = read_json(progress_file(spec)) if progress_file(spec) else None
-    if state and state.get("hash") == digest and os.path.isfile(state.get("checkpoint", "")):
+    state = resumable(spec)
+    if state is not None:
         log(f"{counter} {model}: resuming after epoch {state['epoch']} from {state['checkpoint']} (log: {log_path})")
     else:
         log(f"{counter} {model}: running (log: {log_path})")
@@ -134,8 +134,9 @@ def reuse_or_run(spec: dict, out: str, runner, log: Callable[[str], None], count
     row["inputs"] = spec.get("inputs")
     row["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_record(record, row)
-    if row.get("status") == "ok" and progress_file(spec) and os.path.isfile(progress_file(spec)):
-        os.remove(progress_file(spec))  # finished: the record is the row now
+    progress = progress_file(spec)
+    if row.get("status") == "ok" and progress and os.path.isfile(progress):
+        os.remove(progress)  # finished: the record is the row now
     if row.get("status") == "ok":
         log(f"    test ndcg@10 {row.get('test_ndcg@10')}, hit@10 {row.get('test_hit@10')} ({row['wall_seconds']} s)")
     else:

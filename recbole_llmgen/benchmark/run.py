@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable
 
 from recbole_llmgen import feedback, per_user, progress
+from recbole_llmgen.benchmark.cache import read_record, write_record
 from recbole_llmgen.benchmark.plan import row_model
 from recbole_llmgen.llm import describe_machine
 
@@ -192,7 +193,16 @@ def save_progress(spec: dict, trainer, scores: list[tuple[int, float]], train_se
     }
     for key in (*HISTORIES, *CHOICES):  # the entries up to the checkpoint's validation
         state[key] = state[key][: len(state["scores"])]
-    write_json(path, state)
+    write_record(path, state)
+
+
+def resumable(spec: dict) -> dict | None:
+    """The row's progress when it belongs to this very run (its hash) and its checkpoint is there."""
+    path = progress_file(spec)
+    state = read_record(path) if path else None
+    if not state or state.get("hash") != spec.get("hash") or not os.path.isfile(state.get("checkpoint", "")):
+        return None
+    return state
 
 
 def resume(spec: dict, trainer, scores: list[tuple[int, float]]) -> dict:
@@ -200,9 +210,8 @@ def resume(spec: dict, trainer, scores: list[tuple[int, float]]) -> dict:
     checkpoint is there: RecBole's ``resume_checkpoint`` (weights, optimizer, epoch, early-stopping
     state), the earlier validations into ``scores`` and the trainer. Returns the progress ({} when
     starting afresh)."""
-    path = progress_file(spec)
-    state = read_json(path) if path else None
-    if not state or state.get("hash") != spec.get("hash") or not os.path.isfile(state.get("checkpoint", "")):
+    state = resumable(spec)
+    if state is None:
         return {}
     trainer.resume_checkpoint(state["checkpoint"])
     scores.extend((int(e), float(v)) for e, v in state["scores"])
@@ -213,23 +222,8 @@ def resume(spec: dict, trainer, scores: list[tuple[int, float]]) -> dict:
     for key in CHOICES:
         if hasattr(trainer, key):
             getattr(trainer, key).extend(state[key])
-    trainer.logger.info(f"resumed from {state['checkpoint']} (epoch {state['epoch']}, {path})")
+    trainer.logger.info(f"resumed from {state['checkpoint']} (epoch {state['epoch']}, {progress_file(spec)})")
     return state
-
-
-def write_json(path: str, value) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def variant_users_file(users_file: str) -> str:
